@@ -1,0 +1,7 @@
+"""`python -m dcq` is the same as the `dcq` command."""
+
+import sys
+
+from dcq.cli import main
+
+sys.exit(main())

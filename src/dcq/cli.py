@@ -1,0 +1,74 @@
+"""The `dcq` command: one sub-command per job, each implemented in the module that owns it.
+
+Every sub-command module exposes ``configure_<name>(parser)`` and ``run_<name>(args) -> int``.
+Modules are imported only when their command runs, so `dcq --help` stays fast. User errors
+(`DcqError`, missing files) become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dcq.errors import DcqError
+
+# name -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dcq.demo", "synthesise a long-tailed face set, train DCQ on CPU, evaluate, write a report"),
+    "synth": ("dcq.data.synth_cli", "write a synthetic long-tailed face dataset in insightface formats"),
+    "train": ("dcq.train.cli", "train a model from a YAML config (works under torchrun unchanged)"),
+    "eval": ("dcq.eval.cli", "verification / identification / long-tail evaluation of a checkpoint"),
+    "embed": ("dcq.eval.cli", "embeddings of images with a checkpoint"),
+    "verify": ("dcq.eval.cli", "are two face images the same person?"),
+    "export": ("dcq.export", "export a checkpoint's encoder to ONNX, checked against onnxruntime"),
+    "bench": ("dcq.bench", "benchmarks: head step time and memory against the number of identities"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcq",
+        description="Face-recognition training with a Dynamic Class Queue (DCQ), "
+        "plus full-FC and Partial-FC baselines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Argument definitions live with the command; import lazily only for the chosen one.
+        if name in _requested_commands():
+            configure = getattr(importlib.import_module(module_name), f"configure_{name}")
+            configure(p)
+    return parser
+
+
+def _requested_commands() -> set[str]:
+    return {a for a in sys.argv[1:3] if a in COMMANDS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:])
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        module = importlib.import_module(args._module)
+        result = getattr(module, f"run_{args.command}")(args)
+        return int(result or 0)
+    except DcqError as exc:
+        print(f"dcq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"dcq {args.command}: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dcq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
