@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcq",
         description="Face-recognition training with a Dynamic Class Queue (DCQ), "
@@ -37,21 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         # Argument definitions live with the command; import lazily only for the chosen one.
-        if name in _requested_commands():
+        if name in argv[:2]:
             configure = getattr(importlib.import_module(module_name), f"configure_{name}")
             configure(p)
     return parser
 
 
-def _requested_commands() -> set[str]:
-    return {a for a in sys.argv[1:3] if a in COMMANDS}
-
-
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 1

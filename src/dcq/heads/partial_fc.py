@@ -1,0 +1,169 @@
+"""PartialFC: margin softmax against a sampled subset of class centres (insightface's method).
+
+Each step keeps every class present in the batch (positives) and fills up to
+`ceil(sample_rate * N)` centres with uniformly drawn negatives. Only the sampled rows take part in
+the loss, so only they may change in the optimiser step: the sampled rows are gathered into a
+small parameter `sub_weight` (the one the optimiser sees) together with their rows of optimiser
+state (e.g. SGD's momentum buffer); after the step both are scattered back. Rows not sampled keep
+their weight *and* their momentum, exactly like insightface's single-GPU Partial FC. The full
+matrices live in buffers `weight` (N, d) and `state_<name>` (N, d), so a checkpoint holds them.
+
+Single process; the multi-GPU variant would shard `weight` over ranks and sample per shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dcq.heads.base import Head, check_labels
+from dcq.heads.full_fc import margin_softmax
+from dcq.margins import make_margin
+
+
+class PartialFC(Head):
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 0.1,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        margin_type: str = "arcface",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.sample_rate = float(sample_rate)
+        self.num_sample = max(1, math.ceil(self.sample_rate * self.num_classes))
+        self.margin = make_margin(margin_type, scale, margin)
+        self.register_buffer("weight", torch.normal(0.0, 0.01, (self.num_classes, self.embedding_size)))
+        self.sub_weight = nn.Parameter(self.weight[: min(self.num_sample, self.num_classes)].clone())
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending: torch.Tensor | None = None  # index whose sub_weight awaits an optimiser step
+        self._register_state_dict_hook(_drop_sub_weight)
+        self.register_load_state_dict_post_hook(_ignore_missing_sub_weight)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted class indices to use this step (all positives + random negatives) and remapped targets."""
+        positives = torch.unique(labels.cpu(), sorted=True)
+        if self.num_sample >= self.num_classes:
+            index = torch.arange(self.num_classes)
+        elif positives.numel() >= self.num_sample:
+            index = positives
+        else:
+            score = torch.rand(self.num_classes, generator=self.generator)
+            score[positives] = 2.0  # positives always win
+            index = torch.topk(score, self.num_sample).indices.sort().values
+        targets = torch.searchsorted(index, labels.cpu())
+        return index.to(labels.device), targets.to(labels.device)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, key: torch.Tensor | None = None):
+        labels = check_labels(labels, embeddings.shape[0], self.num_classes).to(embeddings.device)
+        index, targets = self.sample(labels)
+        rows = self.weight[index]
+        if rows.shape == self.sub_weight.shape:
+            with torch.no_grad():
+                self.sub_weight.copy_(rows)
+        else:  # more positives than num_sample: a larger parameter for this step
+            self.sub_weight = nn.Parameter(rows.clone())
+        self._pending = index
+        return margin_softmax(self.margin, embeddings, self.sub_weight, targets)
+
+    # -- optimiser plumbing ---------------------------------------------------------------------
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gather/scatter sampled rows of optimiser state around every `optimizer.step()`.
+
+        `sub_weight` must be in one of the optimiser's param groups (it is one of `parameters()`).
+        """
+        if not any(p is self.sub_weight for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("PartialFC.bind_optimizer: the optimizer does not hold this head's sub_weight")
+        self._optimizer = optimizer
+        self._set_slot(self.sub_weight)
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _set_slot(self, param: nn.Parameter) -> None:
+        """Remember which tensor the optimiser holds, without registering it as a parameter."""
+        self.__dict__["_slot"] = param
+
+    def _state_rows(self, name: str) -> torch.Tensor:
+        buf_name = f"state_{name}"
+        if not hasattr(self, buf_name):
+            self.register_buffer(buf_name, torch.zeros_like(self.weight))
+        return getattr(self, buf_name)
+
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._pending is None:
+            return
+        for group in optimizer.param_groups:  # point the optimiser at this step's parameter
+            group["params"] = [self.sub_weight if p is self._slot else p for p in group["params"]]
+        old_state = optimizer.state.pop(self._slot, {})
+        self._set_slot(self.sub_weight)
+        state = {}
+        for name, value in old_state.items():
+            if self._is_row_state(value):
+                continue  # per-row tensors are re-gathered below
+            state[name] = value
+        for name in self._row_state_names():
+            state[name] = self._state_rows(name)[self._pending].clone()
+        if state:
+            optimizer.state[self.sub_weight] = state
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._pending is None:
+            return
+        index = self._pending
+        self.weight[index] = self.sub_weight.detach()
+        state = optimizer.state.get(self.sub_weight, {})
+        for name, value in state.items():
+            if self._is_row_state(value):
+                self._state_rows(name)[index] = value
+        self._pending = None
+
+    def _is_row_state(self, value) -> bool:
+        """Optimiser state with one row per sampled class (momentum, Adam moments), not scalars."""
+        return torch.is_tensor(value) and value.ndim == 2 and value.shape[1] == self.embedding_size
+
+    def _row_state_names(self) -> list[str]:
+        return [n[len("state_"):] for n, _ in self.named_buffers() if n.startswith("state_")]
+
+    # -- checkpoint state -------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state) -> None:
+        self.generator.set_state(state["generator"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in list(state_dict):  # create the per-row optimiser-state buffers before loading
+            if key.startswith(prefix + "state_"):
+                self._state_rows(key[len(prefix) + len("state_"):])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"sample_rate={self.sample_rate}, num_sample={self.num_sample}, margin={self.margin}"
+        )
+
+
+def _drop_sub_weight(module, state_dict, prefix, local_metadata):
+    """`sub_weight` is a per-step view of `weight`; it changes shape and is not model state."""
+    state_dict.pop(prefix + "sub_weight", None)
+
+
+def _ignore_missing_sub_weight(module, incompatible_keys):
+    for key in list(incompatible_keys.missing_keys):
+        if key.endswith("sub_weight"):
+            incompatible_keys.missing_keys.remove(key)

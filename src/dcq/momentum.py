@@ -1,0 +1,59 @@
+"""MomentumEncoder: the weight generator, an exponential moving average of the feature extractor.
+
+    theta_k <- m * theta_k + (1 - m) * theta_q          (m = 0.999)
+
+It is never trained: its parameters have requires_grad=False, it is not given to the optimiser, and
+its forward always runs under no_grad. Floating-point buffers (BatchNorm running statistics) follow
+the same average, integer buffers (num_batches_tracked) are copied.
+
+Keys are computed with BatchNorm in *train* mode, as the official DCQ/MoCo code does. Shuffle-BN:
+the reference batch holds the same identities, in the same order, as the sample batch, so batch
+statistics could leak which item is which. MoCo breaks that by shuffling the key batch across GPUs
+before BN and unshuffling after. With one process, `bn_splits=G` does the single-process
+equivalent: the batch is permuted and split into G groups, each normalised with its own statistics,
+then restored to the original order (G=1, the default, is plain BN over the whole batch).
+Multi-process training shuffles across ranks instead (see `dcq.train.distributed`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class MomentumEncoder(nn.Module):
+    def __init__(self, encoder: nn.Module, momentum: float = 0.999, bn_splits: int = 1):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if bn_splits < 1:
+            raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
+        self.momentum = float(momentum)
+        self.bn_splits = int(bn_splits)
+        self.encoder = copy.deepcopy(encoder)
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, online: nn.Module, momentum: float | None = None) -> None:
+        """EMA step towards `online` (same architecture)."""
+        m = self.momentum if momentum is None else float(momentum)
+        for p_k, p_q in zip(self.encoder.parameters(), online.parameters(), strict=True):
+            p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
+        for b_k, b_q in zip(self.encoder.buffers(), online.buffers(), strict=True):
+            if b_k.is_floating_point():
+                b_k.mul_(m).add_(b_q.detach().to(b_k.dtype), alpha=1.0 - m)
+            else:
+                b_k.copy_(b_q)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.bn_splits == 1 or images.shape[0] < 2 * self.bn_splits:
+            return self.encoder(images)
+        perm = torch.randperm(images.shape[0], device=images.device)
+        shuffled = torch.cat([self.encoder(chunk) for chunk in images[perm].chunk(self.bn_splits)])
+        out = torch.empty_like(shuffled)
+        out[perm] = shuffled
+        return out

@@ -1,0 +1,100 @@
+"""Checkpoints: one `torch.save`d dict, written atomically, loaded with `weights_only=True`.
+
+Layout (all plain containers, tensors and scalars, so the restricted loader accepts it):
+
+    format: "dcq-checkpoint", version: 1
+    model: {backbone, embedding_size, image_size}
+    feature_extractor: state_dict          weight_generator: state_dict | None (DCQ only)
+    head, optimizer, scheduler: state_dicts (training checkpoints only)
+    step, epoch, sampler: {epoch, position}, rng: {...}, config: {...}
+    threshold: float | None     (verification threshold of the last evaluation)
+    identity_names: list[str] | None
+    metrics: {...}              (last evaluation)
+
+An *export* (`final.pt`) holds only `model`, the encoders, `threshold`, `identity_names` and `config`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcq.errors import DcqError
+
+FORMAT = "dcq-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write `payload` to `path` atomically: a temporary file in the same folder, fsync, rename.
+
+    A crash at any point leaves either the previous file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a dcq checkpoint without executing code (`weights_only=True`); clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DcqError(f"checkpoint {path} does not exist; pass a .pt file written by `dcq train`")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DcqError(f"{path} is not a loadable dcq checkpoint ({first[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DcqError(f"{path} is not a dcq checkpoint (no 'format: {FORMAT}' entry); was it written by dcq?")
+    if int(data.get("version", 0)) > VERSION:
+        raise DcqError(f"{path} has checkpoint version {data['version']}; this dcq reads up to {VERSION}")
+    return data
+
+
+def build_eval_encoder(ckpt: dict[str, Any], prefer: str = "weight_generator") -> tuple[nn.Module, dict]:
+    """The encoder to evaluate, in eval mode: the weight generator when the checkpoint has one (DCQ,
+    as in the paper), else the feature extractor. Returns (module, info)."""
+    from dcq.models import get_backbone
+
+    model = ckpt.get("model") or {}
+    try:
+        name, dim, size = model["backbone"], int(model["embedding_size"]), int(model["image_size"])
+    except (KeyError, TypeError):
+        raise DcqError("checkpoint has no usable 'model' entry (backbone, embedding_size, image_size)") from None
+    which = prefer if ckpt.get(prefer) is not None else "feature_extractor"
+    if ckpt.get(which) is None:
+        raise DcqError(f"checkpoint holds neither '{prefer}' nor 'feature_extractor' weights")
+    encoder = get_backbone(name, embedding_size=dim, image_size=size)
+    try:
+        encoder.load_state_dict(ckpt[which])
+    except RuntimeError as exc:
+        raise DcqError(f"checkpoint weights do not fit backbone {name}: {str(exc).splitlines()[0]}") from None
+    encoder.eval()
+    info = {"which": which, "backbone": name, "embedding_size": dim, "image_size": size}
+    return encoder, info
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest `step_*.pt` training checkpoint in `directory`, or None."""
+    directory = Path(directory)
+    found = sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    return found[-1] if found else None
