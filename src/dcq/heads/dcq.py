@@ -50,6 +50,9 @@ class DynamicClassQueue(Head):
         self.in_batch_negatives = bool(in_batch_negatives)
         self.dedup = bool(dedup)
         self.queue = ClassQueue(queue_size, embedding_size)
+        # Multi-process training: every rank enqueues the weights generated on all ranks, so the
+        # queues stay identical (set to an all-gather by dcq.train.distributed; None = local only).
+        self.gather = None
 
     def class_weights(self, key: torch.Tensor) -> torch.Tensor:
         """Generated class weight per item: normalised key, or the renormalised mean of k keys."""
@@ -101,6 +104,8 @@ class DynamicClassQueue(Head):
             targets = torch.zeros_like(labels)
             loss = F.cross_entropy(logits, targets)
 
+        if self.gather is not None:
+            w, labels = self.gather(w), self.gather(labels)
         self.queue.enqueue(w, labels)
         return HeadOutput(loss=loss, logits=logits, targets=targets)
 
