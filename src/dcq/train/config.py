@@ -1,0 +1,209 @@
+"""Training configuration: one typed dataclass, loaded from YAML, overridden with `--set key=value`.
+
+Unknown keys and values of the wrong type or out of range are rejected with one line that names the
+key, the value, and what is allowed, so a typo can never silently train the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcq.errors import DcqError
+
+
+@dataclass
+class TrainConfig:
+    # model
+    backbone: str = "cpunet"
+    embedding_size: int = 128
+    image_size: int = 40
+    dropout: float = 0.0
+    # head: dcq | fc | pfc
+    head: str = "dcq"
+    queue_size: float = 0.1  # DCQ: a count (>= 1) or a fraction of the identities (< 1)
+    scale: float = 50.0
+    margin: float = 0.3
+    margin_type: str = "cosface"
+    sample_rate: float = 0.1  # Partial FC
+    in_batch_negatives: bool = False  # DCQ extension
+    dedup: bool = False  # DCQ extension
+    num_references: int = 1  # DCQ: k reference images averaged into one class weight
+    momentum: float = 0.999  # weight generator EMA
+    bn_splits: int = 1  # single-process shuffle-BN groups for the weight generator
+    # optimisation
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    sgd_momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # step | cosine
+    milestones: list[float] = field(default_factory=lambda: [8.0, 16.0, 18.0])  # epochs
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0
+    epochs: float = 20.0
+    max_steps: int = 0  # > 0: stop after this many steps (overrides epochs)
+    batch_size: int = 128
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
+    # data
+    train: str = ""  # .rec file, folder with train.rec, or image-folder root
+    sampling: str = "image"  # image | identity
+    preload: bool = False  # decode the whole training set into memory once (small sets)
+    workers: int = 2
+    flip: bool = True
+    on_bad_record: str = "fail"  # fail | skip
+    # evaluation
+    eval_bins: list[str] = field(default_factory=list)
+    eval_every: int = 0  # steps; 0 = at the end of every epoch
+    eval_batch_size: int = 256
+    # run
+    output: str = "runs/dcq"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = leave as is
+    log_every: int = 20
+    checkpoint_every: int = 500  # steps; 0 = only at epoch ends and the end
+    keep_last: int = 3
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        choices = {
+            "head": ("dcq", "fc", "pfc"),
+            "margin_type": ("cosface", "arcface", "none"),
+            "optimizer": ("sgd", "adamw"),
+            "schedule": ("step", "cosine"),
+            "amp": ("none", "bf16", "fp16"),
+            "sampling": ("image", "identity"),
+            "on_bad_record": ("fail", "skip"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise DcqError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ["embedding_size", "image_size", "batch_size", "scale", "lr", "epochs", "num_references",
+                    "bn_splits", "log_every", "eval_batch_size"]
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise DcqError(f"config: {key}={getattr(self, key)!r} must be > 0")
+        nonneg = ["margin", "weight_decay", "warmup_epochs", "max_steps", "grad_clip", "workers", "eval_every",
+                  "checkpoint_every", "threads", "dropout", "sgd_momentum", "queue_size"]
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise DcqError(f"config: {key}={getattr(self, key)!r} must be >= 0")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise DcqError(f"config: momentum={self.momentum} must be in [0, 1] (the paper uses 0.999)")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise DcqError(f"config: sample_rate={self.sample_rate} must be in (0, 1]")
+        if self.queue_size <= 0:
+            raise DcqError("config: queue_size must be a count >= 1 or a fraction in (0, 1)")
+        if self.keep_last < 1:
+            raise DcqError(f"config: keep_last={self.keep_last} must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Convert a YAML/--set value to the field's type, or fail with one clear line."""
+    hint = _HINTS[key]
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, list):
+                raise TypeError
+            (item,) = typing.get_args(hint)
+            return [_scalar(item, v) for v in value]
+        if origin in (typing.Union, types.UnionType):
+            raise TypeError
+        return _scalar(hint, value)
+    except (TypeError, ValueError):
+        raise DcqError(
+            f"config ({source}): {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}"
+        ) from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if isinstance(value, str):
+            number = float(value)  # accepts 1e5
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    raise TypeError
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise DcqError(f"--set {pair!r}: expected key=value, e.g. --set lr=0.05")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    kwargs = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, list(FIELDS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise DcqError(f"config ({source}): unknown key {key!r}{hint} (see configs/*.yaml for valid keys)")
+        kwargs[key] = _coerce(key, value, source)
+    return TrainConfig(**kwargs).validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (or defaults when None) + `key=value` overrides -> validated TrainConfig."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DcqError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DcqError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise DcqError(f"config file {path} must be a mapping of key: value")
+        values.update(loaded)
+        source = str(path)
+    cfg_file = build_config(values, source)
+    if overrides:
+        merged = {**{k: v for k, v in values.items()}, **parse_overrides(overrides)}
+        return build_config(merged, f"{source} + --set")
+    return cfg_file

@@ -1,0 +1,483 @@
+"""The training loop: one loop for every head.
+
+Per step: EMA update of the weight generator, keys without gradients (only for heads that need
+them), queries, head loss, backward, optimiser step, schedule step. The loop never asks which head
+it runs; it calls ``head(embeddings, labels=labels, key=keys)`` and reads a HeadOutput.
+
+Exact resume: a checkpoint holds both encoders, the head (queue included), optimiser, schedule,
+step, the sampler position inside the epoch and every RNG state; augmentation randomness is seeded
+per item from (seed, epoch, position), so it does not depend on which DataLoader worker (or which
+incarnation of the process) decodes an item.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dcq.errors import DcqError
+from dcq.heads import DynamicClassQueue, FullFC, PartialFC
+from dcq.heads.base import Head
+from dcq.models import get_backbone
+from dcq.momentum import MomentumEncoder
+from dcq.train import distributed
+from dcq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dcq.train.config import TrainConfig
+
+NAN_INJECTION_ENV = "DCQ_INJECT_NAN_STEP"  # fault-injection hook for tests: poison the loss at this step
+
+
+class TrainingDiverged(DcqError):
+    """The loss became NaN/Inf; training stopped before the optimiser step."""
+
+
+# -- data plumbing ----------------------------------------------------------------------------------
+class _PositionedSampler(Sampler):
+    """Wraps PairSampler: yields (sample, refs, item_seed) from a start position within the epoch."""
+
+    def __init__(self, pair_sampler, seed: int):
+        self.pairs = pair_sampler
+        self.seed = int(seed)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+        self.pairs.set_epoch(epoch, start=start)
+
+    def __len__(self) -> int:
+        return len(self.pairs) - self.start
+
+    def __iter__(self):
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for offset, (sample, refs) in enumerate(self.pairs):
+            yield sample, tuple(refs), (base + self.start + offset) % (2**63 - 1)
+
+
+class _SeededItems(Dataset):
+    """Seeds torch's RNG per item so augmentation is a function of the item, not of the worker."""
+
+    def __init__(self, pairs_dataset):
+        self.inner = pairs_dataset
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, item):
+        sample, refs, item_seed = item
+        torch.manual_seed(item_seed)
+        return self.inner[(sample, refs)]
+
+
+# -- construction -----------------------------------------------------------------------------------
+def resolve_queue_size(cfg: TrainConfig, num_identities: int) -> int:
+    size = int(cfg.queue_size) if cfg.queue_size >= 1 else max(1, round(cfg.queue_size * num_identities))
+    if size > num_identities:
+        raise DcqError(
+            f"queue_size={size} is larger than the number of identities ({num_identities}); "
+            "a queue holds negatives of other identities, so use at most that many (the paper uses ~10%)"
+        )
+    return size
+
+
+def build_head(cfg: TrainConfig, num_identities: int) -> Head:
+    if cfg.head == "dcq":
+        return DynamicClassQueue(
+            embedding_size=cfg.embedding_size, queue_size=resolve_queue_size(cfg, num_identities),
+            scale=cfg.scale, margin=cfg.margin, margin_type=cfg.margin_type,
+            in_batch_negatives=cfg.in_batch_negatives, dedup=cfg.dedup,
+        )
+    if cfg.head == "fc":
+        return FullFC(cfg.embedding_size, num_identities, scale=cfg.scale, margin=cfg.margin,
+                      margin_type=cfg.margin_type)
+    return PartialFC(cfg.embedding_size, num_identities, sample_rate=cfg.sample_rate, scale=cfg.scale,
+                     margin=cfg.margin, margin_type=cfg.margin_type, seed=cfg.seed)
+
+
+def build_optimizer(cfg: TrainConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Linear warm-up, then step decay at epoch milestones or cosine to zero."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1.0, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    passed = sum(1 for m in cfg.milestones if step >= m * steps_per_epoch)
+    return cfg.lr_decay**passed
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class StepRecord:
+    step: int
+    epoch: int
+    loss: float
+    accuracy: float
+    lr: float
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs it; `run()` returns the final summary."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log_fn=None):
+        from dcq.data import PairDataset, PairSampler, TrainTransform, open_dataset
+
+        self.cfg = cfg
+        self.ctx = distributed.setup(cfg.device)
+        self.device = self.ctx.device
+        self.out = Path(cfg.output)
+        self._log_fn = log_fn
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+
+        if not cfg.train:
+            raise DcqError("config: train is empty; set it to a .rec file, a folder with train.rec, or an image folder")
+        self.source = open_dataset(cfg.train)
+        n_images, n_ids = len(self.source), int(self.source.num_identities)
+        if n_images == 0 or n_ids == 0:
+            raise DcqError(f"training set {cfg.train} is empty")
+        if cfg.head == "dcq" and n_ids < 2:
+            raise DcqError(f"training set {cfg.train} has {n_ids} identity; DCQ needs at least 2")
+        pairs = PairSampler(np.asarray(self.source.labels), mode=cfg.sampling, num_references=cfg.num_references,
+                            seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        if len(pairs) < cfg.batch_size:
+            raise DcqError(
+                f"batch_size={cfg.batch_size} is larger than the {len(pairs)} images per epoch this process reads "
+                f"from {cfg.train}; lower batch_size or use more data"
+            )
+        self.sampler = _PositionedSampler(pairs, cfg.seed)
+        transform = TrainTransform(cfg.image_size, flip=cfg.flip)
+        dataset = PairDataset(self.source, transform, num_references=cfg.num_references, preload=cfg.preload,
+                              on_bad_record=cfg.on_bad_record)
+        self.pair_dataset = dataset
+        self.dataset = _SeededItems(dataset)
+        self.steps_per_epoch = len(pairs) // cfg.batch_size
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+
+        self.backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
+                                     dropout=cfg.dropout).to(self.device)
+        self.head = build_head(cfg, n_ids).to(self.device)
+        self.generator = (MomentumEncoder(self.backbone, momentum=cfg.momentum, bn_splits=cfg.bn_splits)
+                          if self.head.needs_key else None)
+        self.model = self.backbone
+        if self.ctx.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if isinstance(self.head, DynamicClassQueue):
+                self.head.gather = distributed.all_gather_cat
+        self.optimizer = build_optimizer(cfg, self.backbone, self.head)
+        self.head.bind_optimizer(self.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch, self.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise DcqError("amp=fp16 needs CUDA; on CPU use amp=bf16 or amp=none")
+
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # items of this rank's epoch share consumed
+        self.best_accuracy = -1.0
+        self.last_metrics: dict[str, Any] = {}
+        self.threshold: float | None = None
+        self._eval_step = -1
+        if resume:
+            self._resume(resume)
+
+    # -- logging ------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if not self.ctx.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.out / "train.log", "a") as f:
+            f.write(f"{stamp} {message}\n")
+        if self._log_fn is not None:
+            self._log_fn(message)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _payload(self, training: bool = True) -> dict[str, Any]:
+        cfg = self.cfg
+        payload = {
+            "model": {"backbone": cfg.backbone, "embedding_size": cfg.embedding_size, "image_size": cfg.image_size},
+            "feature_extractor": self.backbone.state_dict(),
+            "weight_generator": self.generator.encoder.state_dict() if self.generator else None,
+            "config": cfg.to_dict(),
+            "threshold": self.threshold,
+            "identity_names": list(self.source.identity_names) if getattr(self.source, "identity_names", None) else None,
+            "metrics": self.last_metrics,
+            "step": self.step,
+        }
+        if training:
+            payload.update({
+                "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch,
+                "sampler": {"epoch": self.epoch, "position": self.position},
+                "rng": capture_rng(),
+                "best_accuracy": self.best_accuracy,
+            })
+        return payload
+
+    def save(self) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        path = save_checkpoint(self.out / f"step_{self.step:08d}.pt", self._payload())
+        old = sorted(self.out.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for stale in old[: -self.cfg.keep_last]:
+            stale.unlink(missing_ok=True)
+        return path
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.out) if resume == "latest" else Path(resume)
+        if path is None:
+            raise DcqError(f"--resume: no step_*.pt checkpoint in {self.out}; train without --resume first")
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in ckpt:
+            raise DcqError(f"{path} is an export without training state; resume from a step_*.pt checkpoint")
+        saved = ckpt.get("config", {})
+        for key in ("backbone", "embedding_size", "image_size", "head"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise DcqError(f"--resume {path}: checkpoint has {key}={saved.get(key)!r}, config has "
+                               f"{getattr(self.cfg, key)!r}; resume with the same config")
+        self.backbone.load_state_dict(ckpt["feature_extractor"])
+        if self.generator is not None:
+            self.generator.encoder.load_state_dict(ckpt["weight_generator"])
+        self.head.load_state_dict(ckpt["head"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.epoch = int(ckpt["sampler"]["epoch"])
+        self.position = int(ckpt["sampler"]["position"])
+        self.best_accuracy = float(ckpt.get("best_accuracy", -1.0))
+        self.threshold = ckpt.get("threshold")
+        self.last_metrics = ckpt.get("metrics") or {}
+        restore_rng(ckpt["rng"])
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, item {self.position})")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def eval_encoder(self) -> nn.Module:
+        return self.generator.encoder if self.generator is not None else self.backbone
+
+    def evaluate(self, writer=None) -> dict[str, Any]:
+        self._eval_step = self.step
+        if not self.cfg.eval_bins or not self.ctx.is_main:
+            return {}
+        from dcq.eval import evaluate_bin
+
+        encoder = self.eval_encoder()
+        was_training = encoder.training
+        encoder.eval()
+        results = {}
+        try:
+            for bin_path in self.cfg.eval_bins:
+                name = Path(bin_path).stem
+                results[name] = evaluate_bin(encoder, bin_path, self.cfg.image_size,
+                                             batch_size=self.cfg.eval_batch_size, device=self.device)
+                if writer is not None:
+                    writer.add_scalar(f"eval/{name}/accuracy", results[name]["accuracy"], self.step)
+                self.log(f"step {self.step} eval {name}: accuracy {results[name]['accuracy']:.4f} "
+                         f"± {results[name]['accuracy_std']:.4f}")
+        finally:
+            encoder.train(was_training)
+        first = results[Path(self.cfg.eval_bins[0]).stem]
+        self.threshold = float(first["threshold"])
+        self.last_metrics = results
+        if first["accuracy"] > self.best_accuracy:
+            self.best_accuracy = float(first["accuracy"])
+            save_checkpoint(self.out / "best.pt", self._payload(training=False))
+        return results
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        workers = self.cfg.workers
+        return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    def train_step(self, samples, refs, labels) -> StepRecord:
+        cfg = self.cfg
+        samples = samples.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        keys = None
+        if self.generator is not None:
+            self.generator.update(self.backbone)
+            refs = refs.to(self.device, non_blocking=True)
+            b, k = refs.shape[:2]
+            with autocast:
+                keys = self.generator(refs.flatten(0, 1)).float()
+            keys = keys.view(b, k, -1) if k > 1 else keys.view(b, -1)
+        with autocast:
+            embeddings = self.model(samples)
+        out = self.head(embeddings, labels=labels, key=keys)
+        loss = out.loss
+        if os.environ.get(NAN_INJECTION_ENV) == str(self.step + 1):
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.step + 1}; training stopped before the optimiser step, "
+                f"the last good checkpoint in {self.out} is untouched (lower lr or enable grad_clip)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.backbone.parameters(), cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return StepRecord(self.step, self.epoch, loss.item(), out.accuracy, lr)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        writer = None
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tb"))
+            (self.out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+        self.log(f"training {cfg.head} on {cfg.train}: {len(self.source)} images, "
+                 f"{self.source.num_identities} identities, {self.steps_per_epoch} steps/epoch, "
+                 f"{self.total_steps} steps, device {self.device}")
+        bar = None
+        if self.ctx.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        started, seen, records = time.time(), 0, []
+        steps_file = open(self.out / "steps.jsonl", "a") if self.ctx.is_main else None
+        self.backbone.train()
+        if self.generator is not None:
+            self.generator.train()
+        try:
+            while self.step < self.total_steps:
+                if self.position + cfg.batch_size > len(self.sampler.pairs):
+                    self.epoch, self.position = self.epoch + 1, 0
+                self.sampler.set_epoch(self.epoch, start=self.position)
+                for samples, refs, labels in self._loader():
+                    rec = self.train_step(samples, refs, labels)
+                    self.position += cfg.batch_size
+                    seen += samples.shape[0]
+                    records.append(rec)
+                    if steps_file is not None:
+                        steps_file.write(json.dumps(rec.__dict__) + "\n")
+                        steps_file.flush()
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        rate = seen / max(1e-9, time.time() - started)
+                        self._report(rec, rate, writer, bar)
+                    if bar is not None:
+                        bar.update(1)
+                    end_of_epoch = self.position + cfg.batch_size > len(self.sampler.pairs)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self.evaluate(writer)
+                    elif not cfg.eval_every and end_of_epoch:
+                        self.evaluate(writer)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                    if self.step >= self.total_steps or end_of_epoch:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+            if steps_file is not None:
+                steps_file.close()
+            if getattr(self.pair_dataset, "bad_records", 0):
+                self.log(f"skipped {self.pair_dataset.bad_records} undecodable records")
+        if self._eval_step != self.step:
+            self.evaluate(writer)
+        self.save()
+        final = None
+        if self.ctx.is_main:
+            final = save_checkpoint(self.out / "final.pt", self._payload(training=False))
+            if writer is not None:
+                writer.close()
+        train_seconds = time.time() - started
+        self.log(f"done: {self.step} steps in {train_seconds:.1f}s; export {final}")
+        distributed.barrier()
+        return {"steps": self.step, "train_seconds": train_seconds, "metrics": self.last_metrics,
+                "final": str(final) if final else None, "threshold": self.threshold,
+                "last_loss": records[-1].loss if records else None}
+
+    def _report(self, rec: StepRecord, rate: float, writer, bar) -> None:
+        fill = self.head.queue.fill_ratio if isinstance(self.head, DynamicClassQueue) else None
+        if writer is not None:
+            writer.add_scalar("train/loss", rec.loss, rec.step)
+            writer.add_scalar("train/head_accuracy", rec.accuracy, rec.step)
+            writer.add_scalar("train/lr", rec.lr, rec.step)
+            writer.add_scalar("train/samples_per_second", rate, rec.step)
+            if fill is not None:
+                writer.add_scalar("train/queue_fill", fill, rec.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec.loss:.3f}", acc=f"{rec.accuracy:.2f}", lr=f"{rec.lr:.3g}",
+                            sps=f"{rate:.0f}")
+        extra = f" queue {fill:.0%}" if fill is not None else ""
+        self.log(f"step {rec.step} epoch {rec.epoch} loss {rec.loss:.4f} acc {rec.accuracy:.3f} "
+                 f"lr {rec.lr:.4g} {rate:.0f} samples/s{extra}")
+
+
+def _yaml_dump(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, log_fn=None) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume, log_fn=log_fn)
+    try:
+        return trainer.run()
+    finally:
+        distributed.cleanup()
