@@ -1,0 +1,86 @@
+"""Datasets in the formats face-recognition people already have, and the DCQ pair sampler.
+
+- ``FaceRecordIO``: insightface ``train.rec`` + ``train.idx`` (MS1MV2/3, Glint360K, WebFace), no mxnet.
+- ``ImageFolderDataset``: ``root/<identity>/<image>.jpg``.
+- ``read_bin`` / ``write_bin``: verification ``.bin`` pairs (lfw.bin, ...), restricted unpickler.
+- ``PairSampler`` / ``PairDataset``: (sample, reference) images of one identity, as DCQ trains on.
+- ``synthesize``: the embedded long-tailed synthetic face dataset, written in those formats.
+
+Names are imported lazily so ``import dcq.data`` stays cheap and a worker process only loads what
+it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "FaceRecordIO": "dcq.data.recordio",
+    "RecordIOWriter": "dcq.data.recordio",
+    "write_face_recordio": "dcq.data.recordio",
+    "pack_record": "dcq.data.recordio",
+    "unpack_record": "dcq.data.recordio",
+    "ImageFolderDataset": "dcq.data.folder",
+    "open_dataset": "dcq.data.folder",
+    "read_bin": "dcq.data.verification_bin",
+    "write_bin": "dcq.data.verification_bin",
+    "PairSampler": "dcq.data.pairs",
+    "PairDataset": "dcq.data.pairs",
+    "synthesize": "dcq.data.synthetic",
+    "read_probe_set": "dcq.data.probe",
+    "ProbeSet": "dcq.data.probe",
+    "decode_image": "dcq.data.transforms",
+    "to_tensor": "dcq.data.transforms",
+    "TrainTransform": "dcq.data.transforms",
+    "EvalTransform": "dcq.data.transforms",
+}
+
+__all__ = [
+    "EvalTransform",
+    "FaceRecordIO",
+    "ImageFolderDataset",
+    "PairDataset",
+    "PairSampler",
+    "ProbeSet",
+    "RecordIOWriter",
+    "TrainTransform",
+    "decode_image",
+    "open_dataset",
+    "pack_record",
+    "read_bin",
+    "read_probe_set",
+    "synthesize",
+    "to_tensor",
+    "unpack_record",
+    "write_bin",
+    "write_face_recordio",
+]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from dcq.data.folder import ImageFolderDataset, open_dataset
+    from dcq.data.pairs import PairDataset, PairSampler
+    from dcq.data.probe import ProbeSet, read_probe_set
+    from dcq.data.recordio import (
+        FaceRecordIO,
+        RecordIOWriter,
+        pack_record,
+        unpack_record,
+        write_face_recordio,
+    )
+    from dcq.data.synthetic import synthesize
+    from dcq.data.transforms import EvalTransform, TrainTransform, decode_image, to_tensor
+    from dcq.data.verification_bin import read_bin, write_bin
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcq.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,139 @@
+"""Image-folder datasets (``root/<identity>/<image>.jpg``) and ``open_dataset`` for any supported path.
+
+Identities are numbered in sorted folder-name order (like torchvision's ImageFolder), so the same
+tree always gives the same labels; images inside an identity are sorted by file name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dcq.errors import DcqError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "open_dataset"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class ImageFolderDataset:
+    """One folder per identity; same attributes as ``FaceRecordIO`` so samplers do not care which.
+
+    Folders without any image are skipped (they would be identities nobody can sample), and the
+    numbering counts only the folders kept.
+    """
+
+    def __init__(self, root):
+        self.root = str(root)
+        if not os.path.isdir(self.root):
+            raise DcqError(f"{self.root}: image folder not found; expected root/<identity>/<image>.jpg")
+        names: list[str] = []
+        paths: list[str] = []
+        labels: list[int] = []
+        with os.scandir(self.root) as it:
+            dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        for name in dirs:
+            with os.scandir(os.path.join(self.root, name)) as it:
+                files = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+            if not files:
+                continue
+            label = len(names)
+            names.append(name)
+            paths.extend(os.path.join(self.root, name, f) for f in files)
+            labels.extend([label] * len(files))
+        if not paths:
+            raise DcqError(
+                f"{self.root}: no images found in identity folders; expected root/<identity>/<image>"
+                f"{{{','.join(IMAGE_EXTENSIONS)}}}"
+            )
+        self.identity_names: list[str] = names
+        self.paths: list[str] = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.raw_labels = self.labels
+        self.num_identities = len(names)
+        starts = np.searchsorted(self.labels, np.arange(self.num_identities + 1))
+        self._starts = starts
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image index {i} out of range for {len(self)} images")
+        return i
+
+    def where(self, i: int) -> str:
+        return f"{self.paths[self._check_index(i)]} (image {i})"
+
+    def label(self, i: int) -> int:
+        return int(self.labels[self._check_index(i)])
+
+    def image_bytes(self, i: int) -> bytes:
+        path = self.paths[self._check_index(i)]
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise DcqError(f"{path}: cannot read image {i} ({exc.strerror}); was the folder changed?") from None
+
+    def image(self, i: int, image_size: int | None = None) -> np.ndarray:
+        from dcq.data.transforms import decode_image
+
+        return decode_image(self.image_bytes(i), image_size, where=self.where(i))
+
+    def __getitem__(self, i: int) -> tuple[bytes, int]:
+        return self.image_bytes(i), self.label(i)
+
+    def indices_of(self, identity: int) -> np.ndarray:
+        identity = int(identity)
+        if not 0 <= identity < self.num_identities:
+            raise IndexError(f"identity {identity} out of range for {self.num_identities} identities")
+        return np.arange(self._starts[identity], self._starts[identity + 1], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({self.root!r}, images={len(self)}, identities={self.num_identities})"
+
+
+def _has_identity_folders(path: Path) -> bool:
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_dir() and not e.name.startswith("."):
+                    with os.scandir(e.path) as inner:
+                        if any(f.is_file() and _is_image(f.name) for f in inner):
+                            return True
+    except OSError:
+        return False
+    return False
+
+
+def open_dataset(path, **kwargs):
+    """Open a training set by path: a ``.rec``, a folder with ``train.rec``, ``train/``, or identity folders."""
+    from dcq.data.recordio import FaceRecordIO
+
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".rec":
+            return FaceRecordIO(p, **kwargs)
+        raise DcqError(f"{p}: not a dataset; pass a .rec file, a folder with train.rec, or an image folder")
+    if not p.exists():
+        raise DcqError(f"{p}: dataset not found; run `dcq synth {p}` to create one, or check the path")
+    if (p / "train.rec").is_file():
+        return FaceRecordIO(p / "train.rec", **kwargs)
+    if (p / "train").is_dir() and _has_identity_folders(p / "train"):
+        return ImageFolderDataset(p / "train")
+    if _has_identity_folders(p):
+        return ImageFolderDataset(p)
+    raise DcqError(
+        f"{p}: no train.rec, train/ or <identity>/<image>.jpg folders found; point at a dataset made by "
+        "`dcq synth` or an insightface folder (faces_emore/)"
+    )
