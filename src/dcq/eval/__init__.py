@@ -1,0 +1,59 @@
+"""Evaluation: 10-fold verification, TAR@FAR, MegaFace-style identification, long-tail buckets.
+
+- ``verify_pairs``: the ``dcq eval --json`` metrics of embedding pairs (``verification``).
+- ``embed_images`` / ``evaluate_bin``: flip-test embeddings and a verification ``.bin`` end to end.
+- ``identify``: rank-k against a gallery plus (up to millions of) distractors, in bounded memory.
+- ``longtail_report``: rank-1 and TAR@FAR per bucket of training images per identity.
+
+Names load lazily, so ``import dcq.eval`` pulls in neither scikit-learn nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "verify_pairs": "dcq.eval.verification",
+    "verify_scores": "dcq.eval.verification",
+    "roc_curve_points": "dcq.eval.verification",
+    "embed_images": "dcq.eval.embedding",
+    "evaluate_bin": "dcq.eval.embedding",
+    "raw_pixel_embeddings": "dcq.eval.embedding",
+    "identify": "dcq.eval.identification",
+    "match_ranks": "dcq.eval.identification",
+    "longtail_report": "dcq.eval.longtail",
+    "longtail_metrics": "dcq.eval.longtail",
+}
+
+__all__ = [
+    "embed_images",
+    "evaluate_bin",
+    "identify",
+    "longtail_metrics",
+    "longtail_report",
+    "match_ranks",
+    "raw_pixel_embeddings",
+    "roc_curve_points",
+    "verify_pairs",
+    "verify_scores",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dcq.eval.embedding import embed_images, evaluate_bin, raw_pixel_embeddings
+    from dcq.eval.identification import identify, match_ranks
+    from dcq.eval.longtail import longtail_metrics, longtail_report
+    from dcq.eval.verification import roc_curve_points, verify_pairs, verify_scores
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcq.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,308 @@
+"""`dcq eval`, `dcq embed`, `dcq verify`: evaluation commands on a checkpoint.
+
+All three use the checkpoint's *evaluation encoder*: the weight generator (the EMA copy) when
+the checkpoint has one, as the DCQ paper evaluates, else the feature extractor; embeddings are
+flip-test, L2-normalised (``--no-flip`` turns the flip off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from dcq.errors import DcqError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+TABLE_FARS = ("1e-4", "1e-3", "1e-2", "1e-1")
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint .pt written by `dcq train`")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    parser.add_argument("--no-flip", action="store_true", help="no flip test (embed only the image itself)")
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DcqError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DcqError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _encoder(args) -> tuple:
+    """(encoder, info, checkpoint dict, device) and the line saying which encoder is used."""
+    from dcq.train.checkpoint import build_eval_encoder, load_checkpoint
+
+    if args.batch_size < 1:
+        raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = _device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    encoder, info = build_eval_encoder(ckpt)
+    encoder.to(device)
+    return encoder, info, ckpt, device
+
+
+def encoder_description(info: dict) -> str:
+    if info.get("which") == "weight_generator":
+        what = "weight generator (EMA) embeddings, as in the DCQ paper"
+    else:
+        what = "feature extractor embeddings (the checkpoint has no weight generator)"
+    return f"encoder: {what}; {info.get('backbone')}, {info.get('embedding_size')}-d, {info.get('image_size')} px"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data) -> None:
+    _atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def verification_table(results: dict) -> str:
+    head = ["set", "pairs", "accuracy", "std", "threshold"] + [f"TAR@FAR={k}" for k in TABLE_FARS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name, str(r["pairs"]), _fmt(r["accuracy"]), _fmt(r["accuracy_std"]), _fmt(r["threshold"])]
+        cells += [_fmt(r["tar_at_far"].get(k)) for k in TABLE_FARS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- dcq eval
+def configure_eval(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("--bin", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="verification .bin files (lfw.bin, cfp_fp.bin, ...); set name = file stem")
+    parser.add_argument("--json", metavar="OUT", help="write {set: {accuracy, accuracy_std, threshold, pairs, "
+                        "tar_at_far}} to OUT; long-tail / identification results go to OUT's stem + "
+                        ".longtail.json")
+    parser.add_argument("--plots", metavar="DIR", help="write roc.png (and longtail.png) into DIR")
+    parser.add_argument("--dataset", metavar="DIR", help="dataset folder with train + probe set (`dcq synth` "
+                        "output): long-tail report and identification of probes against identity centres")
+    parser.add_argument("--distractors", metavar="FILE.npy", help="with --dataset: distractor embeddings "
+                        "(N, d) from `dcq embed`, added to the identification gallery (MegaFace style)")
+    parser.add_argument("--folds", type=int, default=10, help="verification folds (default 10)")
+
+
+def _set_names(bins: list[str]) -> list[str]:
+    names = [Path(b).stem for b in bins]
+    seen = set()
+    for b, n in zip(bins, names):
+        if n in seen:
+            raise DcqError(f"two --bin files are both named {n!r} ({b}); the JSON keys are file stems, "
+                           "rename one of them")
+        seen.add(n)
+    return names
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dcq.data.verification_bin import read_bin
+    from dcq.eval.embedding import embed_images
+    from dcq.eval.verification import cosine_scores, roc_curve_points, verify_scores
+
+    if not args.bin and not args.dataset:
+        raise DcqError("nothing to evaluate: pass --bin FILE (verification pairs) and/or --dataset DIR")
+    if args.distractors and not args.dataset:
+        raise DcqError("--distractors needs --dataset DIR (its probe set is identified against them)")
+    names = _set_names(args.bin)
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and json_path.is_dir():
+        raise DcqError(f"--json {json_path} is a directory; give a file name such as metrics.json")
+    encoder, info, _, device = _encoder(args)
+    print(encoder_description(info))
+    flip = not args.no_flip
+    size = info["image_size"]
+    results, curves = {}, {}
+    for name, bin_path in zip(names, args.bin):
+        images, issame = read_bin(bin_path)
+        if len(issame) == 0:
+            raise DcqError(f"{bin_path}: holds no pairs")
+        emb = embed_images(encoder, images, batch_size=args.batch_size, flip=flip, device=device, image_size=size)
+        scores = cosine_scores(emb[0::2], emb[1::2])
+        results[name] = verify_scores(scores, issame, n_folds=args.folds)
+        if issame.any() and not issame.all():
+            curves[name] = roc_curve_points(scores, issame)[:2]
+    if results:
+        print(verification_table(results))
+    extra = {}
+    if args.dataset:
+        extra = _dataset_eval(args, encoder, size, device, flip)
+    if json_path is not None:
+        if results:
+            _write_json(json_path, results)
+            print(f"wrote {json_path}")
+        if extra:
+            lt_path = json_path.with_name(json_path.stem + ".longtail.json")
+            _write_json(lt_path, extra)
+            print(f"wrote {lt_path}")
+    if args.plots:
+        from dcq.eval.plots import plot_longtail, plot_roc
+
+        out = Path(args.plots)
+        if curves:
+            print(f"wrote {plot_roc(curves, out / 'roc.png')}")
+        if extra.get("longtail"):
+            print(f"wrote {plot_longtail({info['which']: extra['longtail']['rows']}, out / 'longtail.png')}")
+    return 0
+
+
+def _dataset_eval(args, encoder, size, device, flip) -> dict:
+    """Long-tail buckets of the dataset's probe set, plus MegaFace-style identification of the same
+    probes against the identity centres and the distractors (one embedding pass for both)."""
+    import numpy as np
+
+    from dcq.eval.identification import identify
+    from dcq.eval.longtail import embed_probe_gallery, longtail_report, rows_to_markdown
+
+    distractors = None
+    if args.distractors:
+        path = Path(args.distractors)
+        if not path.is_file():
+            raise DcqError(f"--distractors {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
+        try:
+            distractors = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DcqError(f"--distractors {path}: not a .npy embedding array ({exc})") from None
+    gallery = embed_probe_gallery(encoder, args.dataset, size, device=device, batch_size=args.batch_size,
+                                  flip=flip, progress=sys.stderr.isatty())
+    report = longtail_report(encoder, args.dataset, gallery=gallery)
+    print(f"\nlong tail ({report['probes']} probes of {report['identities']} training identities; gallery = one "
+          "centre per identity):")
+    print(rows_to_markdown(report["rows"]))
+    out = {"longtail": report}
+    if distractors is not None:
+        result = identify(gallery.probe_emb, gallery.probe_labels, gallery.centres, gallery.centre_labels,
+                          distractor_emb=distractors)
+        print(f"\nidentification ({result['probes']} probes, {result['gallery']} identity centres + "
+              f"{result['distractors']} distractors): " +
+              ", ".join(f"rank-{k} {_fmt(v)}" for k, v in result["rank"].items()))
+        out["identification"] = result
+    return out
+
+
+# --------------------------------------------------------------------------- dcq embed
+def configure_embed(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, metavar="FILE.npy",
+                        help="(N, d) float32 embeddings; image paths go to FILE.txt beside it, one per line")
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Image files named directly, then those under each folder (recursive, sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DcqError(f"{p}: no such image file or folder")
+    if not found:
+        raise DcqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(paths)}")
+    return found
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from dcq.data.transforms import decode_image
+    from dcq.eval.embedding import embed_images
+
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise DcqError(f"--out {out}: must end in .npy (names are written to {out.with_suffix('.txt').name})")
+    files = collect_images(args.images)
+    encoder, info, _, device = _encoder(args)
+    print(encoder_description(info))
+    size = info["image_size"]
+    emb = None
+    with tqdm(total=len(files), desc="embedding", unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(files), args.batch_size):
+            batch = files[start:start + args.batch_size]
+            images = np.stack([decode_image(_read(f), size, where=str(f)) for f in batch])
+            e = embed_images(encoder, images, batch_size=args.batch_size, flip=not args.no_flip, device=device)
+            if emb is None:
+                emb = np.empty((len(files), e.shape[1]), dtype=np.float32)
+            emb[start:start + len(batch)] = e
+            bar.update(len(batch))
+    names_path = out.with_suffix(".txt")
+    _atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
+    _atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
+    print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {names_path}")
+    return 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DcqError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+
+
+# --------------------------------------------------------------------------- dcq verify
+def configure_verify(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("image_a", metavar="A", help="first face image")
+    parser.add_argument("image_b", metavar="B", help="second face image")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="cosine threshold (default: the one stored in the checkpoint by its last evaluation)")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dcq.data.transforms import decode_image
+    from dcq.eval.embedding import embed_images
+
+    for p in (args.image_a, args.image_b):
+        if not Path(p).is_file():
+            raise DcqError(f"{p}: image not found")
+    encoder, info, ckpt, device = _encoder(args)
+    threshold = args.threshold if args.threshold is not None else ckpt.get("threshold")
+    if threshold is None:
+        raise DcqError(f"{args.checkpoint} stores no verification threshold (it was trained without eval_bins); "
+                       "pass --threshold T, e.g. the 'threshold' that `dcq eval --json` reports")
+    threshold = float(threshold)
+    size = info["image_size"]
+    images = np.stack([decode_image(_read(Path(p)), size, where=p) for p in (args.image_a, args.image_b)])
+    emb = embed_images(encoder, images, batch_size=2, flip=not args.no_flip, device=device)
+    sim = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
+    verdict = "same" if sim >= threshold else "different"
+    source = "given" if args.threshold is not None else "from the checkpoint"
+    print(encoder_description(info))
+    print(f"cosine similarity: {sim:.4f}")
+    print(f"{verdict} (threshold {threshold:.4f}, {source})")
+    return 0

@@ -1,0 +1,186 @@
+"""Pair verification: the standard 10-fold accuracy protocol and TAR at fixed FAR.
+
+Protocol (what ``dcq eval --json`` reports):
+
+- similarity = cosine of the two L2-normalised embeddings; a pair is called "same" when
+  ``similarity >= threshold``;
+- the P pairs are split into ``n_folds`` contiguous folds in file order (LFW's official splits
+  are laid out that way; fold sizes as ``np.array_split``); for each fold the threshold is chosen
+  on the other folds and accuracy is measured on it;
+- the threshold sweep is exact: every distinct classifier on the training folds is tried (one per
+  distinct training score, plus "accept nothing"). Among thresholds with equal training accuracy
+  the *highest* one wins (fewest false accepts; insightface's sweep over ascending distances
+  breaks ties the same way). The reported fold threshold is the midpoint between the lowest
+  accepted and the highest rejected training score; at the ends it is the adjacent float below
+  the lowest score ("accept all") or above the highest ("accept none");
+- ``accuracy`` is the mean of the fold accuracies, ``accuracy_std`` their population standard
+  deviation (``np.std``, as insightface reports), ``threshold`` the mean of the fold thresholds;
+- ``tar_at_far`` is computed on all pairs at once: the highest true-accept rate of any threshold
+  whose empirical false-accept rate is <= the target. A target below ``1 / negatives`` cannot be
+  measured with that many impostor pairs and is ``None`` (JSON null), as is every target when
+  there are no positive or no negative pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from dcq.errors import DcqError
+
+__all__ = [
+    "DEFAULT_FAR_TARGETS",
+    "best_threshold",
+    "cosine_scores",
+    "far_key",
+    "roc_curve_points",
+    "tar_at_far",
+    "verify_pairs",
+    "verify_scores",
+]
+
+DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def far_key(far: float) -> str:
+    """1e-4 -> "1e-4" (the JSON key); other values keep a short general form ("5e-3", "0.25")."""
+    far = float(far)
+    if far > 0:
+        exp = math.floor(math.log10(far))
+        mant = far / 10.0**exp
+        if abs(mant - round(mant)) < 1e-9:
+            m = round(mant)
+            return f"1e{exp}" if m == 1 else f"{m}e{exp}"
+    return f"{far:g}"
+
+
+def _as_numpy(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise DcqError(f"{name} must be a numeric array, got an object array")
+    return arr
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def cosine_scores(emb1, emb2) -> np.ndarray:
+    """Row-wise cosine similarity (float64) of two (P, d) arrays; rows are L2-normalised first."""
+    a = _as_numpy(emb1, "emb1").astype(np.float64)
+    b = _as_numpy(emb2, "emb2").astype(np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise DcqError(f"emb1 and emb2 must both be (P, d) arrays of one shape, got {a.shape} and {b.shape}")
+    return np.sum(_l2_normalise(a) * _l2_normalise(b), axis=1)
+
+
+def _check_scores(scores, issame) -> tuple[np.ndarray, np.ndarray]:
+    s = _as_numpy(scores, "scores").astype(np.float64).reshape(-1)
+    y = _as_numpy(issame, "issame").astype(bool).reshape(-1)
+    if s.shape != y.shape:
+        raise DcqError(f"{s.size} scores but {y.size} issame flags; pass one flag per pair")
+    if not np.all(np.isfinite(s)):
+        raise DcqError("similarity scores contain NaN or inf; the embeddings are not finite (diverged model?)")
+    return s, y
+
+
+def best_threshold(scores, issame) -> tuple[float, int]:
+    """The exact accuracy-maximising threshold on (scores, issame) and the number it gets right.
+
+    Rule: "same" iff score >= threshold. Ties in accuracy go to the highest threshold.
+    """
+    s, y = _check_scores(scores, issame)
+    if s.size == 0:
+        raise DcqError("cannot choose a threshold from zero pairs")
+    uniq, inv = np.unique(s, return_inverse=True)  # ascending
+    pos = np.bincount(inv, weights=y, minlength=uniq.size)
+    neg = np.bincount(inv, weights=~y, minlength=uniq.size)
+    # candidate i (0..m) accepts the scores >= uniq[i]; candidate m accepts nothing
+    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])  # positives with score >= uniq[i]
+    tn = np.concatenate([[0.0], np.cumsum(neg)])  # negatives with score < uniq[i]
+    correct = np.rint(tp + tn).astype(np.int64)
+    i = int(np.flatnonzero(correct == correct.max())[-1])  # highest threshold among the best
+    m = uniq.size
+    if i == 0:
+        thr = float(np.nextafter(uniq[0], -np.inf))
+    elif i == m:
+        thr = float(np.nextafter(uniq[-1], np.inf))
+    else:
+        lo, hi = uniq[i - 1], uniq[i]
+        mid = lo + (hi - lo) / 2.0
+        thr = float(mid if lo < mid <= hi else hi)
+    return thr, int(correct[i])
+
+
+def _fold_slices(n: int, n_folds: int) -> list[np.ndarray]:
+    return np.array_split(np.arange(n), n_folds)
+
+
+def tar_at_far(scores, issame, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict[str, float | None]:
+    """{"1e-3": TAR, ...}: best TAR with empirical FAR <= target, from sklearn's exact ROC.
+
+    ``None`` when the target is below 1/negatives (not measurable) or a class is empty.
+    """
+    s, y = _check_scores(scores, issame)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    out: dict[str, float | None] = {far_key(f): None for f in far_targets}
+    if n_pos == 0 or n_neg == 0:
+        return out
+    fpr, tpr, _ = roc_curve_points(s, y)
+    false_accepts = np.rint(fpr * n_neg)
+    for f in far_targets:
+        allowed = math.floor(float(f) * n_neg + 1e-9)
+        if allowed < 1:
+            continue
+        ok = false_accepts <= allowed
+        out[far_key(f)] = float(tpr[ok].max())  # the first ROC point (threshold=inf, 0, 0) is always ok
+    return out
+
+
+def verify_scores(scores, issame, n_folds: int = 10,
+                  far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict:
+    """The protocol of the module docstring on precomputed similarity scores."""
+    s, y = _check_scores(scores, issame)
+    n_folds = int(n_folds)
+    if n_folds < 2:
+        raise DcqError(f"n_folds must be >= 2 (a threshold is chosen on the other folds), got {n_folds}")
+    if s.size < n_folds:
+        raise DcqError(f"{s.size} pairs cannot be split into {n_folds} folds; use a .bin with >= {n_folds} pairs")
+    accs, thrs = [], []
+    everything = np.arange(s.size)
+    for test in _fold_slices(s.size, n_folds):
+        train = np.setdiff1d(everything, test, assume_unique=True)
+        thr, _ = best_threshold(s[train], y[train])
+        accs.append(float(np.mean((s[test] >= thr) == y[test])))
+        thrs.append(thr)
+    return {
+        "accuracy": float(np.mean(accs)),
+        "accuracy_std": float(np.std(accs)),
+        "threshold": float(np.mean(thrs)),
+        "pairs": int(s.size),
+        "tar_at_far": tar_at_far(s, y, far_targets),
+    }
+
+
+def verify_pairs(emb1, emb2, issame, n_folds: int = 10,
+                 far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict:
+    """Verification metrics of pairs (emb1[i], emb2[i]): exactly the keys ``accuracy``,
+    ``accuracy_std``, ``threshold``, ``pairs``, ``tar_at_far`` (see the module docstring)."""
+    scores = cosine_scores(emb1, emb2)
+    return verify_scores(scores, issame, n_folds=n_folds, far_targets=far_targets)
+
+
+def roc_curve_points(scores, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) of every distinct threshold (sklearn, no points dropped)."""
+    from sklearn.metrics import roc_curve
+
+    s, y = _check_scores(scores, issame)
+    if y.all() or not y.any():
+        raise DcqError("a ROC curve needs both same and different pairs; the issame flags hold only one kind")
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thr
