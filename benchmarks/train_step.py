@@ -1,0 +1,415 @@
+#!/usr/bin/env python
+"""Full training steps with a real backbone: what DCQ adds to training the backbone.
+
+Configurations, all built side by side and timed in interleaved repeats (median reported):
+
+- ``backbone``  backbone forward + a tiny FC head (``--tiny-classes``, 100) + backward + SGD step:
+                the cost of training the feature extractor alone;
+- ``dcq@N``     DCQ as `dcq train` runs it: momentum (EMA) update of the weight generator
+                (`dcq.MomentumEncoder`) + key forward of the reference images (no grad) + query
+                forward + DCQ head (queue ``--queue``, prefilled) + backward + SGD step;
+- ``fc@N``      backbone + FullFC over N classes + backward + SGD step.
+
+The printed ratio "vs backbone" is step time / backbone-only step time. The floor for DCQ is one
+extra no-grad forward pass of the backbone (about 1.3x on CPU with cpunet).
+
+Defaults are the CPU setting (cpunet at 40 px, 128-d embedding, batch 128, FC at 1e5 classes);
+the GPU setting is ``--device cuda --amp bf16 --backbone iresnet50 --image-size 112 --dim 512``.
+
+Memory per configuration: ``resident_bytes`` = backbone (+ weight generator) + head parameters,
+gradients, optimiser state and buffers after a step; ``peak_bytes`` = resident at the start of a
+step + the most extra tensor memory alive during it (activations, logits, temporaries), measured
+as in `dcq bench heads` (CUDA: max_memory_allocated delta; CPU: dispatch-mode live-tensor tracker).
+A configuration that runs out of memory (CUDA OOM, or on CPU an estimated need above available RAM)
+is reported as such and the others go on.
+
+Examples:
+    python benchmarks/train_step.py                                  # CPU, ~1 minute
+    python benchmarks/train_step.py --device cuda --amp bf16 --backbone iresnet50 \\
+        --image-size 112 --dim 512 --dcq-classes 1e5,1e6,1e7 --fc-classes 1e5,1e6 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import dcq
+from dcq.bench import (
+    BUDGET_SHARE,
+    OOM,
+    HeadCase,
+    available_memory,
+    check_output_path,
+    estimate_head_bytes,
+    format_bytes,
+    free_memory,
+    is_oom,
+    measure_peak,
+    parse_counts,
+    state_bytes,
+    state_tensors,
+    sync,
+    write_json,
+)
+from dcq.errors import DcqError
+
+
+# -- options that change how the DCQ step is computed (the default is the core API, as `dcq train`) --
+class ForeachEMA:
+    """Momentum update with two fused multi-tensor kernels instead of a loop over parameters."""
+
+    def __init__(self, generator: dcq.MomentumEncoder, online: nn.Module):
+        self.m = generator.momentum
+        self.k_float = [t for t in _tensors(generator.encoder) if t.is_floating_point()]
+        self.q_float = [t for t in _tensors(online) if t.is_floating_point()]
+        self.k_other = [t for t in _tensors(generator.encoder) if not t.is_floating_point()]
+        self.q_other = [t for t in _tensors(online) if not t.is_floating_point()]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        torch._foreach_mul_(self.k_float, self.m)
+        torch._foreach_add_(self.k_float, [t.detach() for t in self.q_float], alpha=1.0 - self.m)
+        for k, q in zip(self.k_other, self.q_other):
+            k.copy_(q)
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
+@dataclass
+class Options:
+    backbone: str
+    image_size: int
+    dim: int
+    batch: int
+    queue: int
+    tiny_classes: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    ema: str  # "core" | "foreach"
+    keys: str  # "no_grad" | "inference"
+    seed: int
+
+
+class StepRunner:
+    """One configuration: backbone (+ weight generator) + head + SGD, stepping on random images."""
+
+    def __init__(self, mode: str, classes: int, opt: Options, pool):
+        self.mode, self.classes, self.opt, self.pool = mode, classes, opt, pool
+        self.times: list[float] = []
+        self.index = 0
+        dev = opt.device
+        torch.manual_seed(opt.seed)
+        backbone = dcq.models.get_backbone(opt.backbone, embedding_size=opt.dim, image_size=opt.image_size)
+        self.backbone = backbone.to(dev)
+        if opt.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.generator = None
+        self.ema = None
+        if mode == "dcq":
+            self.generator = dcq.MomentumEncoder(self.backbone, momentum=0.999).to(dev)
+            self.head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=opt.queue).to(dev)
+            gen = torch.Generator().manual_seed(opt.seed + 1)
+            keys = nn.functional.normalize(torch.randn(opt.queue, opt.dim, generator=gen), dim=1)
+            self.head.queue.enqueue(keys.to(dev), torch.randint(0, classes, (opt.queue,), generator=gen).to(dev))
+            if opt.ema == "foreach":
+                self.ema = ForeachEMA(self.generator, self.backbone)
+        else:
+            with torch.device(dev):
+                self.head = dcq.FullFC(opt.dim, classes).to(dev)
+        params = [p for p in list(self.backbone.parameters()) + list(self.head.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.labels = [torch.randint(0, classes, (opt.batch,), generator=torch.Generator().manual_seed(i)).to(dev)
+                       for i in range(len(pool))]
+        self.backbone.train()
+        if self.generator is not None:
+            self.generator.train()
+
+    @property
+    def name(self) -> str:
+        return "backbone" if self.mode == "backbone" else f"{self.mode}@{self.classes:g}"
+
+    def _autocast(self):
+        if self.opt.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.opt.device.type, dtype=self.opt.amp_dtype)
+
+    def step(self) -> None:
+        i = self.index % len(self.pool)
+        self.index += 1
+        samples, refs = self.pool[i]
+        labels = self.labels[i]
+        keys = None
+        if self.generator is not None:
+            if self.ema is not None:
+                self.ema()
+            else:
+                self.generator.update(self.backbone)
+            key_mode = torch.inference_mode() if self.opt.keys == "inference" else contextlib.nullcontext()
+            with key_mode, self._autocast():
+                keys = self.generator(refs).float()
+            if self.opt.keys == "inference":
+                keys = keys.clone()  # a normal tensor again, usable by autograd-recording ops
+        with self._autocast():
+            embeddings = self.backbone(samples)
+        out = self.head(embeddings, labels=labels, key=keys)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+
+    def timed_step(self) -> float:
+        sync(self.opt.device)
+        start = time.perf_counter()
+        self.step()
+        sync(self.opt.device)
+        return time.perf_counter() - start
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.backbone, self.generator, self.head) if m is not None]
+
+    def resident_bytes(self) -> int:
+        return state_bytes(self.modules(), [self.optimizer])
+
+    def peak_bytes(self) -> int:
+        return measure_peak(self.step, lambda: list(state_tensors(self.modules(), [self.optimizer])),
+                            self.opt.device)
+
+    def close(self) -> None:
+        self.backbone = self.generator = self.head = self.optimizer = self.ema = None
+
+
+def estimated_need(mode: str, classes: int, opt: Options, param_bytes: int) -> int:
+    """Parameter-related bytes + the head's estimate (activations are not estimated)."""
+    copies = 4 if mode == "dcq" else 3  # weights, grads, momentum (+ the weight generator's copy)
+    if mode == "dcq":
+        case = HeadCase("dcq", classes, queue_size=opt.queue)
+    else:
+        case = HeadCase("fc", classes)
+    s, t = estimate_head_bytes(case, opt.batch, opt.dim)
+    return copies * param_bytes + s + t
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="cpunet", help="cpunet | iresnet18/34/50/100 (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None, help="default: 40 for cpunet, 112 for iresnet")
+    p.add_argument("--dim", type=int, default=128, help="embedding size (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--dcq-classes", default="1e5",
+                   help="identities for the DCQ rows (only the label range changes; default: %(default)s)")
+    p.add_argument("--fc-classes", default="1e5", help="classes of the FC rows; 'none' for no FC (default: %(default)s)")
+    p.add_argument("--queue", type=int, default=8192, help="DCQ queue size (default: %(default)s)")
+    p.add_argument("--tiny-classes", type=int, default=100, help="the backbone-only row's FC (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=15, help="timed steps per configuration (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype (default: %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="backbone in channels_last memory format")
+    p.add_argument("--ema", default="core", choices=("core", "foreach"),
+                   help="core: MomentumEncoder.update (as dcq train); foreach: two fused multi-tensor kernels")
+    p.add_argument("--keys", default="no_grad", choices=("no_grad", "inference"),
+                   help="key forward under MomentumEncoder's no_grad (as dcq train) or inference_mode")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile two steps per configuration and print the top operators")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT", help="write rows + config as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except DcqError as exc:
+        print(f"train_step: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DcqError(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    for name in ("batch", "dim", "queue", "repeats", "tiny_classes"):
+        if getattr(args, name) < 1:
+            raise DcqError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.json:
+        check_output_path(args.json, "--json")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    image_size = args.image_size or (40 if args.backbone == "cpunet" else 112)
+    try:
+        dcq.models.get_backbone(args.backbone, embedding_size=args.dim, image_size=image_size)
+    except ValueError as exc:
+        raise DcqError(f"--backbone/--image-size: {exc}") from None
+    opt = Options(args.backbone, image_size, args.dim, args.batch, args.queue, args.tiny_classes, device,
+                  torch.bfloat16 if args.amp == "bf16" else None, args.channels_last, args.ema, args.keys,
+                  args.seed)
+    dcq_classes = parse_counts(args.dcq_classes, "--dcq-classes")
+    fc_classes = [] if str(args.fc_classes).lower() == "none" else parse_counts(args.fc_classes, "--fc-classes")
+    plan = [("backbone", args.tiny_classes)] + [("dcq", n) for n in dcq_classes] + [("fc", n) for n in fc_classes]
+
+    gen = torch.Generator().manual_seed(args.seed)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    pool = [tuple(torch.randn(args.batch, 3, image_size, image_size, generator=gen).to(device)
+                  .contiguous(memory_format=fmt) for _ in range(2)) for _ in range(2)]
+    param_bytes = sum(p.numel() * p.element_size() for p in dcq.models.get_backbone(
+        args.backbone, embedding_size=args.dim, image_size=image_size).parameters())
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    runners: dict[tuple[str, int], StepRunner] = {}
+    for mode, classes in plan:
+        need = estimated_need(mode, classes, opt, param_bytes)
+        budget = int(BUDGET_SHARE * available_memory(device))
+        if device.type == "cpu" and need > budget:
+            results[(mode, classes)] = {"error": OOM}
+            log(f"{mode}@{classes:g}: needs ~{format_bytes(need)} > budget {format_bytes(budget)}: {OOM}")
+            continue
+        failed = False
+        try:
+            runner = StepRunner(mode, classes, opt, pool)
+            runners[(mode, classes)] = runner
+            for _ in range(args.warmup):
+                runner.step()
+        except Exception as exc:  # only OOM is expected
+            if not is_oom(exc):
+                raise
+            failed = True
+        if failed:
+            _drop(runners, results, (mode, classes), device, log)
+    log(f"timing {', '.join(r.name for r in runners.values())}: {args.repeats} interleaved repeats")
+    order = list(runners)
+    for rep in range(args.repeats):
+        k = rep % max(1, len(order))
+        for key in order[k:] + order[:k]:
+            if key not in runners:
+                continue
+            failed = False
+            try:
+                runners[key].times.append(runners[key].timed_step())
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                failed = True
+            if failed:
+                _drop(runners, results, key, device, log)
+
+    for key, runner in list(runners.items()):
+        res = {"step_ms": 1000.0 * statistics.median(runner.times), "resident_bytes": runner.resident_bytes(),
+               "peak_bytes": None}
+        if not args.no_memory:
+            failed = False
+            try:
+                res["peak_bytes"] = runner.peak_bytes()
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                failed = True
+            if failed:
+                res["peak_bytes"] = OOM
+        results[key] = res
+
+    if args.profile:
+        profile(runners)
+    for runner in runners.values():
+        runner.close()
+    runners.clear()
+    free_memory(device)
+
+    rows = []
+    base = results.get(("backbone", args.tiny_classes), {}).get("step_ms")
+    for mode, classes in plan:
+        res = results[(mode, classes)]
+        row = {"mode": mode, "classes": classes, "queue_size": args.queue if mode == "dcq" else None}
+        if "error" in res:
+            row.update(step_ms=None, samples_per_s=None, vs_backbone=None, resident_bytes=None,
+                       peak_bytes=None, error=res["error"])
+        else:
+            row.update(step_ms=round(res["step_ms"], 3),
+                       samples_per_s=round(args.batch * 1000.0 / res["step_ms"], 1),
+                       vs_backbone=round(res["step_ms"] / base, 4) if base else None,
+                       resident_bytes=res["resident_bytes"], peak_bytes=res["peak_bytes"])
+        rows.append(row)
+    print(format_rows(rows, args.batch))
+    for row in rows:
+        if row["mode"] == "dcq" and row.get("vs_backbone"):
+            print(f"DCQ step / backbone-only step ({row['classes']:g} identities): {row['vs_backbone']:.3f}")
+    config = {
+        "benchmark": "train_step", "backbone": args.backbone, "image_size": image_size, "dim": args.dim,
+        "batch": args.batch, "queue": args.queue, "tiny_classes": args.tiny_classes, "repeats": args.repeats,
+        "warmup": args.warmup, "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
+        "ema": args.ema, "keys": args.keys, "threads": torch.get_num_threads(), "seed": args.seed,
+        "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) over backbone + head parameters",
+        "step_ms": "median over repeats, configurations interleaved in rotating order",
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "processor": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    }
+    if args.json:
+        write_json(args.json, {"rows": rows, "config": config})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _drop(runners, results, key, device, log) -> None:
+    runner = runners.pop(key, None)
+    if runner is not None:
+        runner.close()
+    results[key] = {"error": OOM}
+    free_memory(device)
+    log(f"{key[0]}@{key[1]:g}: {OOM}")
+
+
+def format_rows(rows: list[dict[str, Any]], batch: int) -> str:
+    header = ["config", "step ms", "vs backbone", "samples/s", "resident", "peak"]
+    lines = []
+    for r in rows:
+        name = "backbone" if r["mode"] == "backbone" else f"{r['mode']}@{r['classes']:g}"
+        if r.get("error"):
+            lines.append([name, r["error"], "", "", "", ""])
+            continue
+        peak = r["peak_bytes"] if isinstance(r["peak_bytes"], str) else format_bytes(r["peak_bytes"])
+        lines.append([name, f"{r['step_ms']:.1f}", f"{r['vs_backbone']:.3f}" if r["vs_backbone"] else "-",
+                      f"{r['samples_per_s']:.0f}", format_bytes(r["resident_bytes"]), peak])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def profile(runners: dict) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for runner in runners.values():
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.opt.device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(2):
+                runner.step()
+            sync(runner.opt.device)
+        sort = "self_cuda_time_total" if runner.opt.device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n== profile: {runner.name} (2 steps) ==")
+        print(prof.key_averages().table(sort_by=sort, row_limit=18))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
