@@ -61,9 +61,9 @@ def run_steps(head, ref, batches, dtype=torch.float32, atol=1e-4):
     for query, key, labels in batches:
         tq = torch.tensor(query, dtype=dtype, requires_grad=True)
         out = head(tq, torch.tensor(key, dtype=dtype), torch.tensor(labels))
-        exp_logits, exp_loss = ref.step(query if dtype == torch.float32 else tq.detach().float().numpy(),
-                                        key if dtype == torch.float32 else torch.tensor(key, dtype=dtype).float().numpy(),
-                                        labels)
+        as_input = (lambda a: a) if dtype == torch.float32 else (
+            lambda a: torch.tensor(a, dtype=dtype).float().numpy())
+        exp_logits, exp_loss = ref.step(as_input(query), as_input(key), labels)
         got = out.logits.detach().numpy()
         assert got.shape == exp_logits.shape
         np.testing.assert_array_equal(np.isinf(got), np.isinf(exp_logits))

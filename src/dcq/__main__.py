@@ -4,4 +4,5 @@ import sys
 
 from dcq.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded: spawn-started worker processes re-import this module
+    sys.exit(main())

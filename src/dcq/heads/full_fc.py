@@ -17,7 +17,11 @@ from dcq.margins import make_margin
 def margin_softmax(head_margin, embeddings: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     """Cosine logits of normalised embeddings against normalised weights, margin on the targets."""
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
+        # Dividing the (B, N) product by the row norms is the same as normalising the (N, d) weight
+        # first, but its backward touches N norms instead of N x d elementwise normalisation terms.
+        weight = weight.float()
+        inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
+        cos = (F.normalize(embeddings.float(), dim=1) @ weight.t()) * inv_norm
         logits = head_margin.apply(cos, targets)
         loss = F.cross_entropy(logits, targets)
     return HeadOutput(loss=loss, logits=logits, targets=targets)

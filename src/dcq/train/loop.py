@@ -57,7 +57,7 @@ class _PositionedSampler(Sampler):
         self.pairs.set_epoch(epoch, start=start)
 
     def __len__(self) -> int:
-        return len(self.pairs) - self.start
+        return len(self.pairs)  # PairSampler already counts from `start`
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
@@ -76,8 +76,9 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, item):
         sample, refs, item_seed = item
-        torch.manual_seed(item_seed)
-        return self.inner[(sample, refs)]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(item_seed)
+            return self.inner[(sample, refs)]
 
 
 # -- construction -----------------------------------------------------------------------------------
@@ -187,10 +188,10 @@ class Trainer:
             raise DcqError(f"training set {cfg.train} has {n_ids} identity; DCQ needs at least 2")
         pairs = PairSampler(np.asarray(self.source.labels), mode=cfg.sampling, num_references=cfg.num_references,
                             seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
-        if len(pairs) < cfg.batch_size:
+        if pairs.epoch_length < cfg.batch_size:
             raise DcqError(
-                f"batch_size={cfg.batch_size} is larger than the {len(pairs)} images per epoch this process reads "
-                f"from {cfg.train}; lower batch_size or use more data"
+                f"batch_size={cfg.batch_size} is larger than the {pairs.epoch_length} images per epoch this "
+                f"process reads from {cfg.train}; lower batch_size or use more data"
             )
         self.sampler = _PositionedSampler(pairs, cfg.seed)
         transform = TrainTransform(cfg.image_size, flip=cfg.flip)
@@ -198,7 +199,7 @@ class Trainer:
                               on_bad_record=cfg.on_bad_record)
         self.pair_dataset = dataset
         self.dataset = _SeededItems(dataset)
-        self.steps_per_epoch = len(pairs) // cfg.batch_size
+        self.steps_per_epoch = pairs.epoch_length // cfg.batch_size
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
         self.backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
@@ -250,7 +251,7 @@ class Trainer:
             "weight_generator": self.generator.encoder.state_dict() if self.generator else None,
             "config": cfg.to_dict(),
             "threshold": self.threshold,
-            "identity_names": list(self.source.identity_names) if getattr(self.source, "identity_names", None) else None,
+            "identity_names": list(names) if (names := getattr(self.source, "identity_names", None)) else None,
             "metrics": self.last_metrics,
             "step": self.step,
         }
@@ -340,8 +341,11 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         workers = self.cfg.workers
+        # A private generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run (which creates it mid-epoch) would shift every later random number.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
-                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          num_workers=workers, pin_memory=self.device.type == "cuda", generator=generator,
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
     def train_step(self, samples, refs, labels) -> StepRecord:
@@ -405,7 +409,7 @@ class Trainer:
             self.generator.train()
         try:
             while self.step < self.total_steps:
-                if self.position + cfg.batch_size > len(self.sampler.pairs):
+                if self.position + cfg.batch_size > self.sampler.pairs.epoch_length:
                     self.epoch, self.position = self.epoch + 1, 0
                 self.sampler.set_epoch(self.epoch, start=self.position)
                 for samples, refs, labels in self._loader():
@@ -421,7 +425,7 @@ class Trainer:
                         self._report(rec, rate, writer, bar)
                     if bar is not None:
                         bar.update(1)
-                    end_of_epoch = self.position + cfg.batch_size > len(self.sampler.pairs)
+                    end_of_epoch = self.position + cfg.batch_size > self.sampler.pairs.epoch_length
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self.evaluate(writer)
                     elif not cfg.eval_every and end_of_epoch:
