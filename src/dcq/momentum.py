@@ -40,13 +40,17 @@ class MomentumEncoder(nn.Module):
     def update(self, online: nn.Module, momentum: float | None = None) -> None:
         """EMA step towards `online` (same architecture)."""
         m = self.momentum if momentum is None else float(momentum)
-        for p_k, p_q in zip(self.encoder.parameters(), online.parameters(), strict=True):
-            p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
-        for b_k, b_q in zip(self.encoder.buffers(), online.buffers(), strict=True):
-            if b_k.is_floating_point():
-                b_k.mul_(m).add_(b_q.detach().to(b_k.dtype), alpha=1.0 - m)
+        ema_k, ema_q = [], []
+        pairs = list(zip(self.encoder.parameters(), online.parameters(), strict=True))
+        pairs += list(zip(self.encoder.buffers(), online.buffers(), strict=True))
+        for t_k, t_q in pairs:
+            if t_k.is_floating_point():
+                ema_k.append(t_k)
+                ema_q.append(t_q.detach().to(t_k.dtype))
             else:
-                b_k.copy_(b_q)
+                t_k.copy_(t_q)
+        if ema_k:  # one fused multi-tensor op instead of two kernels per tensor
+            torch._foreach_lerp_(ema_k, ema_q, 1.0 - m)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
