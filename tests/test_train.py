@@ -157,3 +157,18 @@ def test_guards(tiny_dataset, tmp_path):
         Trainer(tiny_config(tiny_dataset, tmp_path / "g2", batch_size=100_000))
     with pytest.raises(DcqError, match="train is empty"):
         Trainer(tiny_config("", tmp_path / "g3"))
+
+
+def test_torchrun_two_processes_share_one_queue(tiny_dataset, tmp_path):
+    """Under torchrun every rank enqueues the keys of all ranks: after one step of batch 16 on two
+    processes the queue holds 32 entries, and only rank 0 writes checkpoints."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cfg = tiny_config(tiny_dataset, tmp_path / "ddp", batch_size=16, max_steps=1, queue_size=40, device="cpu")
+    yaml_path = _write_yaml(tmp_path / "ddp.yaml", cfg)
+    p = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "dcq", "train", str(yaml_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "step_00000001.pt")
+    assert int(ckpt["head"]["queue.count"]) == 32
+    assert p.stdout.count("trained 1 steps") == 1

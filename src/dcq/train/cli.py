@@ -26,6 +26,8 @@ def run_train(args: argparse.Namespace) -> int:
     from dcq.train.loop import train
 
     summary = train(cfg, resume=args.resume, log_fn=None)
+    if summary["final"] is None:  # not rank 0 under torchrun: rank 0 reports
+        return 0
     for name, m in (summary.get("metrics") or {}).items():
         print(f"{name}: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['pairs']} pairs)")
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f}s; model: {summary['final']}")
