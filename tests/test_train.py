@@ -172,3 +172,12 @@ def test_torchrun_two_processes_share_one_queue(tiny_dataset, tmp_path):
     ckpt = load_checkpoint(tmp_path / "ddp" / "step_00000001.pt")
     assert int(ckpt["head"]["queue.count"]) == 32
     assert p.stdout.count("trained 1 steps") == 1
+
+
+def test_bf16_autocast_on_cpu(tiny_dataset, tmp_path):
+    cfg = tiny_config(tiny_dataset, tmp_path / "bf16", amp="bf16", max_steps=4, preload=True)
+    summary = train(cfg)
+    losses = [r["loss"] for r in read_steps(tmp_path / "bf16").values()]
+    assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(losses)))
+    ckpt = load_checkpoint(summary["final"])
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["weight_generator"].values() if v.is_floating_point())
