@@ -86,12 +86,20 @@ def main(argv=None) -> int:
             print(f"[{profile}] {name}: accuracy {verify['accuracy']:.4f} ({time.time() - t0:.0f}s)",
                   file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
+            if args.json:  # after every run, so a crash or a stop keeps what was measured
+                save_json(args.json, results, time.time() - started, args)
     wall = time.time() - started
     print(markdown(results, args, wall))
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "wall_seconds": wall,
-                                               "machine": machine(), "args": vars(args)}, indent=2))
+        save_json(args.json, results, wall, args)
     return 0
+
+
+def save_json(path, results, wall, args) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({"results": results, "wall_seconds": wall, "machine": machine(),
+                               "args": vars(args)}, indent=2))
+    os.replace(tmp, path)
 
 
 def machine() -> str:

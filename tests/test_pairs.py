@@ -208,3 +208,16 @@ def test_works_in_dataloader_workers(small_rec, ctx):
     labels = torch.cat([b[2] for b in batches])
     expected = [small_rec.label(s) for s, _ in sampler]
     assert labels.tolist() == expected
+
+
+@pytest.mark.parametrize("mode", ["image", "identity"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_last_identity_with_a_single_image(mode, k):
+    """Regression: a one-image identity sorted last used to index past the end of the dataset."""
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    for epoch in range(5):
+        sampler = PairSampler(labels, mode=mode, num_references=k, seed=epoch)
+        for sample, refs in sampler:
+            assert all(labels[r] == labels[sample] for r in refs)
+            if labels[sample] == 2:
+                assert tuple(refs) == (sample,) * k

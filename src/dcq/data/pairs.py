@@ -138,6 +138,8 @@ class PairSampler(Sampler):
             sorted_chosen = np.sort(np.concatenate([sorted_chosen, v[:, None]], axis=1), axis=1)
         # skip the sample itself: positions >= its own shift up by one
         pos = chosen + (chosen >= self_pos[:, None])
+        # a single-image identity has no "other" image: keep its index in range (it is replaced below)
+        pos = np.minimum(pos, self._counts[groups][:, None] - 1)
         refs = self._order[self._starts[groups][:, None] + pos]
         single = others == 0
         refs[single] = samples[single, None]
