@@ -188,6 +188,6 @@ def _report_markdown(metrics, heads, table, longtail) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    from dcq.atomic import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=float).encode()))

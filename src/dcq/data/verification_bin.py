@@ -11,11 +11,11 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from dcq.atomic import atomic_write
 from dcq.errors import DcqError
 
 __all__ = ["read_bin", "write_bin"]
@@ -186,21 +186,5 @@ def write_bin(path, images, issame) -> None:
         raise DcqError(
             f"write_bin({path}): {len(images)} images for {len(flags)} pairs; pass 2 images per issame flag"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump((images, flags), f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda f: pickle.dump((images, flags), f, protocol=4))
 

@@ -7,11 +7,11 @@ training processes). Files are written atomically: a temporary file beside the t
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dcq.atomic import atomic_write
 
 __all__ = ["plot_longtail", "plot_roc"]
 
@@ -20,20 +20,8 @@ def _save(fig, out_png) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the PNG normal permissions
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     return out
 
 
