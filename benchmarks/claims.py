@@ -1,13 +1,18 @@
-"""The paper's claims at small scale: DCQ with 1-20% of the classes vs FC and Partial FC.
+"""The paper's claims at small scale, and the experiments behind the DCQ recipe.
 
-On synthetic `ms1m`-like (head-heavy) and `mf2`-like (>= 85% of identities with < 10 images) data,
-every head trains the CPU network for the same number of steps with the same batch, schedule and
-margin, then is evaluated on held-out identities (10-fold verification, flip test; DCQ with the
-weight generator) and per long-tail bucket on probes of training identities.
+Every run trains the CPU network for the same number of steps with the same batch, schedule and
+data, then is evaluated on held-out identities (10-fold verification, flip test; DCQ with the weight
+generator) and, where the training set is small enough to embed, per long-tail bucket on probes of
+training identities. Verification accuracy is also measured every `--eval-every` steps for the
+accuracy-against-steps plot.
 
-    python benchmarks/claims.py --steps 600 --json claims.json > claims.md
+    python benchmarks/claims.py --data ms1m=DIR,mf2=DIR --steps 1500 \\
+        --json claims.json --markdown claims.md --plot claims.png
 
-Not part of CI: ~1 minute per run on a 2-core CPU at the defaults (18 runs).
+A run is a named variant (see VARIANTS, or `--variant "name:key=value;key=value"` for an ad-hoc one)
+applied on top of the base recipe (`--set key=value` changes the base for every run). JSON,
+markdown and plot are rewritten after every run, so a crash or a stop keeps what was measured; a
+run that fails is recorded with its error and the next one starts.
 """
 
 from __future__ import annotations
@@ -16,90 +21,147 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-RUNS = [
-    ("FC", {"head": "fc"}),
-    ("Partial FC 0.1", {"head": "pfc", "sample_rate": 0.1}),
-    ("DCQ 1%", {"head": "dcq", "queue_size": 0.01}),
-    ("DCQ 5%", {"head": "dcq", "queue_size": 0.05}),
-    ("DCQ 10%", {"head": "dcq", "queue_size": 0.10}),
-    ("DCQ 20%", {"head": "dcq", "queue_size": 0.20}),
-    ("DCQ 10% + in-batch negatives", {"head": "dcq", "queue_size": 0.10, "in_batch_negatives": True}),
-    ("DCQ 10% + dedup", {"head": "dcq", "queue_size": 0.10, "dedup": True}),
-    ("DCQ 10% + 2 references", {"head": "dcq", "queue_size": 0.10, "num_references": 2}),
-]
+# Shared by every run: the demo's CPU recipe (cpunet 40 px, 128-d, batch 128, SGD lr 0.1 cosine).
+BASE = {"scale": 32.0, "margin": 0.2, "margin_type": "cosface"}
+
+VARIANTS: dict[str, dict] = {
+    "FC": {"head": "fc"},
+    "Partial FC 0.1": {"head": "pfc", "sample_rate": 0.1},
+    "DCQ 10%": {"head": "dcq", "queue_size": 0.1},
+    "DCQ 1%": {"head": "dcq", "queue_size": 0.01},
+    "DCQ 5%": {"head": "dcq", "queue_size": 0.05},
+    "DCQ 20%": {"head": "dcq", "queue_size": 0.2},
+}
+DEFAULT_RUNS = "FC,Partial FC 0.1,DCQ 10%"
+LONGTAIL_MAX_IMAGES = 200_000  # embedding a larger training set for the gallery costs more than the run
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:key=value;key=value' -> (name, {key: value}); values are parsed like --set."""
+    if ":" not in text:
+        raise SystemExit(f"--variant {text!r}: expected 'name:key=value;key=value'")
+    name, body = text.split(":", 1)
+    settings = {}
+    for pair in filter(None, (p.strip() for p in body.split(";"))):
+        key, _, value = pair.partition("=")
+        settings[key.strip()] = value.strip()
+    return name.strip(), settings
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profiles", default="ms1m,mf2")
-    parser.add_argument("--identities", default="ms1m=1500,mf2=4000", help="identities per profile")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--data", default="", help="profile=DIR,... existing datasets (see --synth)")
+    parser.add_argument("--synth", default="", help="profile=IDENTITIES,... synthesise missing datasets "
+                                                    "into --cache (e.g. ms1m=10000,mf2=10000)")
+    parser.add_argument("--cache", default=None, help="dataset folder for --synth (default: a temporary one)")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated variant names (default: {DEFAULT_RUNS})")
+    parser.add_argument("--variant", action="append", default=[], help="ad-hoc run 'name:key=value;key=value'")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", help="base key=value for all runs")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every run is repeated per seed")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between verification points (0: end)")
     parser.add_argument("--image-size", type=int, default=40)
-    parser.add_argument("--cache", default=None, help="dataset folder (default: a temporary folder)")
-    parser.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
+    parser.add_argument("--longtail", choices=("auto", "on", "off"), default="auto",
+                        help=f"long-tail buckets (auto: on when the set has <= {LONGTAIL_MAX_IMAGES} images)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--plot", default=None)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
 
     import torch
 
-    from dcq.data import synthesize
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datasets = prepare_datasets(args)
+    runs = [(name, VARIANTS[name]) for name in filter(None, (n.strip() for n in args.runs.split(",")))
+            if name in VARIANTS or _unknown(name)]
+    runs += [parse_variant(v) for v in args.variant]
+    base = {**BASE, **dict(p.split("=", 1) for p in args.overrides)}
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    command = "python benchmarks/claims.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    started = time.time()
+    results: list[dict] = []
+    for profile, data in datasets.items():
+        for seed in seeds:
+            for name, settings in runs:
+                result = run_one(profile, data, name, {**base, **settings}, seed, args)
+                results.append(result)
+                acc = result.get("verify", {}).get("accuracy")
+                print(f"[{profile} seed {seed}] {name}: "
+                      f"{'FAILED ' + result['error'] if acc is None else f'accuracy {acc:.4f}'} "
+                      f"({result['seconds']:.0f}s)", file=sys.stderr, flush=True)
+                write_outputs(args, results, time.time() - started, command)
+    print(markdown(results, args, time.time() - started, command))
+    return 0
+
+
+def _unknown(name: str) -> bool:
+    raise SystemExit(f"--runs: unknown variant {name!r}; known: {', '.join(VARIANTS)} (or use --variant)")
+
+
+def prepare_datasets(args) -> dict[str, Path]:
+    datasets = {}
+    for item in filter(None, args.data.split(",")):
+        profile, folder = item.split("=", 1)
+        datasets[profile] = Path(folder)
+    if args.synth:
+        from dcq.data import synthesize
+
+        cache = Path(args.cache or tempfile.mkdtemp(prefix="dcq-claims-"))
+        for item in args.synth.split(","):
+            profile, identities = item.split("=", 1)
+            folder = cache / f"{profile}-{identities}-{args.image_size}px"
+            if not (folder / "stats.json").is_file():
+                synthesize(folder, profile=profile, identities=int(identities), image_size=args.image_size,
+                           seed=0, progress=False, workers=min(2, os.cpu_count() or 1))
+            datasets[profile] = folder
+    if not datasets:
+        raise SystemExit("give --data profile=DIR or --synth profile=IDENTITIES")
+    return datasets
+
+
+def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args) -> dict:
     from dcq.demo import DEMO_TRAIN
     from dcq.eval import evaluate_bin, longtail_report
     from dcq.train.checkpoint import build_eval_encoder, load_checkpoint
     from dcq.train.config import build_config
     from dcq.train.loop import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = dict(item.split("=") for item in args.identities.split(","))
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    runs = [r for r in RUNS if not only or r[0] in only]
-    cache = Path(args.cache or tempfile.mkdtemp(prefix="dcq-claims-"))
-    started = time.time()
-    results = []
-    for profile in args.profiles.split(","):
-        data = cache / f"{profile}-{sizes[profile]}-{args.image_size}px"
-        if not (data / "stats.json").is_file():
-            synthesize(data, profile=profile, identities=int(sizes[profile]), image_size=args.image_size,
-                       seed=0, progress=False, workers=min(2, os.cpu_count() or 1))
-        stats = json.loads((data / "stats.json").read_text())
-        for name, settings in runs:
-            out = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
-            values = {**DEMO_TRAIN, "scale": 32.0, "margin": 0.2, "margin_type": "cosface", **settings,
-                      "train": str(data), "max_steps": args.steps, "output": str(out), "progress": False,
-                      "threads": args.threads}
-            t0 = time.time()
-            summary = train(build_config(values, "claims"))
-            encoder, info = build_eval_encoder(load_checkpoint(summary["final"]))
-            verify = evaluate_bin(encoder, data / "val.bin", args.image_size)
-            tail = longtail_report(encoder, data, args.image_size)
-            results.append({"profile": profile, "run": name, "settings": settings, "verify": verify,
-                            "longtail": tail["rows"], "seconds": time.time() - t0,
-                            "identities": stats["identities"], "images": stats["images"]})
-            print(f"[{profile}] {name}: accuracy {verify['accuracy']:.4f} ({time.time() - t0:.0f}s)",
-                  file=sys.stderr)
-            shutil.rmtree(out, ignore_errors=True)
-            if args.json:  # after every run, so a crash or a stop keeps what was measured
-                save_json(args.json, results, time.time() - started, args)
-    wall = time.time() - started
-    print(markdown(results, args, wall))
-    if args.json:
-        save_json(args.json, results, wall, args)
-    return 0
-
-
-def save_json(path, results, wall, args) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps({"results": results, "wall_seconds": wall, "machine": machine(),
-                               "args": vars(args)}, indent=2))
-    os.replace(tmp, path)
+    stats = json.loads((data / "stats.json").read_text())
+    out = Path(tempfile.mkdtemp(prefix="dcq-run-"))
+    record = {"profile": profile, "run": name, "settings": settings, "seed": seed, "steps": args.steps,
+              "identities": stats["identities"], "images": stats["images"]}
+    t0 = time.time()
+    try:
+        values = {**DEMO_TRAIN, **settings, "train": str(data), "max_steps": args.steps, "output": str(out),
+                  "progress": False, "threads": args.threads, "seed": seed,
+                  "eval_bins": [str(data / "val.bin")] if args.eval_every else [],
+                  "eval_every": args.eval_every}
+        summary = train(build_config(values, "claims"))
+        encoder, info = build_eval_encoder(load_checkpoint(summary["final"]))
+        record["verify"] = evaluate_bin(encoder, data / "val.bin", args.image_size)
+        record["curve"] = [(h["step"], h["val"]) for h in summary.get("eval_history", []) if "val" in h]
+        record["encoder"] = info["which"]
+        record["train_seconds"] = summary["train_seconds"]
+        longtail = args.longtail == "on" or (args.longtail == "auto" and stats["images"] <= LONGTAIL_MAX_IMAGES)
+        if longtail:
+            record["longtail"] = longtail_report(encoder, data, args.image_size)["rows"]
+    except Exception as exc:  # keep going: a failed run is a row too
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    record["seconds"] = time.time() - t0
+    return record
 
 
 def machine() -> str:
@@ -109,25 +171,71 @@ def machine() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def markdown(results, args, wall) -> str:
-    lines = []
+def write_outputs(args, results, wall, command) -> None:
+    from dcq.atomic import atomic_write
+
+    if args.json:
+        payload = {"command": command, "results": results, "wall_seconds": wall, "machine": machine()}
+        atomic_write(args.json, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    if args.markdown:
+        text = markdown(results, args, wall, command)
+        atomic_write(args.markdown, lambda f: f.write(text.encode()))
+    if args.plot:
+        plot_curves(results, args.plot)
+
+
+def _fmt(value, digits=3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results, args, wall, command) -> str:
+    lines = [f"`{command}`", ""]
     for profile in dict.fromkeys(r["profile"] for r in results):
         rows = [r for r in results if r["profile"] == profile]
-        buckets = [b["bucket"] for b in rows[0]["longtail"] if b["bucket"] != "all" and b["probes"]]
-        lines += [f"### {profile} ({rows[0]['identities']} identities, {rows[0]['images']} images)", "",
-                  "| run | verification accuracy | TAR@FAR=1e-2 | " + " | ".join(
-                      f"rank-1 {b}" for b in buckets) + " |",
-                  "|---|---|---|" + "---|" * len(buckets)]
+        tails = next((r["longtail"] for r in rows if r.get("longtail")), [])
+        buckets = [b["bucket"] for b in tails if b["bucket"] != "all" and b["probes"]]
+        lines += [f"### {profile} ({rows[0]['identities']:,} identities, {rows[0]['images']:,} images)", "",
+                  "| run | seed | verification accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-2 | "
+                  + "".join(f"rank-1 {b} | " for b in buckets),
+                  "|---|---|---|---|---|" + "---|" * len(buckets)]
         for r in rows:
-            by = {b["bucket"]: b for b in r["longtail"]}
-            tar = r["verify"]["tar_at_far"].get("1e-2")
-            cells = [f"{by[b]['rank1']:.3f}" for b in buckets]
-            lines.append(f"| {r['run']} | {r['verify']['accuracy']:.4f} ± {r['verify']['accuracy_std']:.4f} | "
-                         f"{'n/a' if tar is None else f'{tar:.3f}'} | " + " | ".join(cells) + " |")
+            if "verify" not in r:
+                lines.append(f"| {r['run']} | {r['seed']} | failed: {r.get('error', '?')} | | |" + " |" * len(buckets))
+                continue
+            v = r["verify"]
+            by = {b["bucket"]: b for b in r.get("longtail") or []}
+            cells = "".join(f"{_fmt(by[b]['rank1']) if b in by else 'n/a'} | " for b in buckets)
+            lines.append(f"| {r['run']} | {r['seed']} | {v['accuracy']:.4f} ± {v['accuracy_std']:.4f} | "
+                         f"{_fmt(v['tar_at_far'].get('1e-3'))} | {_fmt(v['tar_at_far'].get('1e-2'))} | {cells}")
         lines.append("")
-    lines.append(f"{args.steps} steps per run, batch 128, cpunet {args.image_size}px; machine: {machine()}; "
+    lines.append(f"{args.steps} steps per run, cpunet {args.image_size}px (other settings in the JSON); {machine()}; "
                  f"wall time {wall / 60:.1f} min.")
     return "\n".join(lines)
+
+
+def plot_curves(results, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dcq.atomic import atomic_write
+
+    profiles = list(dict.fromkeys(r["profile"] for r in results))
+    fig, axes = plt.subplots(1, len(profiles), figsize=(6 * len(profiles), 4.5), squeeze=False)
+    for ax, profile in zip(axes[0], profiles):
+        for r in results:
+            if r["profile"] == profile and r.get("curve"):
+                steps, acc = zip(*r["curve"])
+                ax.plot(steps, acc, marker="o", ms=3, label=f"{r['run']} (seed {r['seed']})")
+        ax.set_title(f"{profile}: held-out verification accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 if __name__ == "__main__":

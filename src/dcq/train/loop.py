@@ -228,6 +228,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.threshold: float | None = None
         self._eval_step = -1
+        self.eval_history: list[dict[str, Any]] = []  # {"step", "<bin>": accuracy, ...} per evaluation
         if resume:
             self._resume(resume)
 
@@ -331,6 +332,7 @@ class Trainer:
         finally:
             encoder.train(was_training)
         first = results[Path(self.cfg.eval_bins[0]).stem]
+        self.eval_history.append({"step": self.step, **{name: r["accuracy"] for name, r in results.items()}})
         self.threshold = float(first["threshold"])
         self.last_metrics = results
         if first["accuracy"] > self.best_accuracy:
@@ -453,6 +455,7 @@ class Trainer:
         self.log(f"done: {self.step} steps in {train_seconds:.1f}s; export {final}")
         distributed.barrier()
         return {"steps": self.step, "train_seconds": train_seconds, "metrics": self.last_metrics,
+                "eval_history": self.eval_history,
                 "final": str(final) if final else None, "threshold": self.threshold,
                 "last_loss": records[-1].loss if records else None}
 
