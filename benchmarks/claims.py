@@ -132,7 +132,7 @@ def prepare_datasets(args) -> dict[str, Path]:
 def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args) -> dict:
     from dcq.demo import DEMO_TRAIN
     from dcq.eval import evaluate_bin, longtail_report
-    from dcq.train.checkpoint import build_eval_encoder, load_checkpoint
+    from dcq.checkpoint import build_eval_encoder, load_checkpoint
     from dcq.train.config import build_config
     from dcq.train.loop import train
 

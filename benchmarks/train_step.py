@@ -5,10 +5,13 @@ Configurations, all built side by side and timed in interleaved repeats (median 
 
 - ``backbone``  backbone forward + a tiny FC head (``--tiny-classes``, 100) + backward + SGD step:
                 the cost of training the feature extractor alone;
-- ``dcq@N``     DCQ as `dcq train` runs it: momentum (EMA) update of the weight generator
-                (`dcq.MomentumEncoder`) + key forward of the reference images (no grad) + query
-                forward + DCQ head (queue ``--queue``, prefilled) + backward + SGD step;
-- ``fc@N``      backbone + FullFC over N classes + backward + SGD step.
+- ``dcq@N``     DCQ: EMA update of the weight generator (`dcq.MomentumEncoder`) + key forward of
+                the reference images (no grad) + sample forward + DCQ head (queue ``--queue``,
+                prefilled) + backward + gradient clipping + SGD step;
+- ``fc@N``      backbone + FullFC over N classes + backward + gradient clipping + SGD step.
+
+Every configuration runs `dcq.train.step.TrainStep`, the step `dcq train` runs (GradScaler and
+gradient clipping at ``--grad-clip``, 5.0 as in the default config, included).
 
 The printed ratio "vs backbone" is step time / backbone-only step time. The floor for DCQ is one
 extra no-grad forward pass of the backbone (about 1.3x on CPU with cpunet).
@@ -32,11 +35,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,43 +49,22 @@ from dcq.bench import (
     BUDGET_SHARE,
     OOM,
     HeadCase,
+    attempt,
     available_memory,
     check_output_path,
     estimate_head_bytes,
     format_bytes,
     free_memory,
-    is_oom,
     measure_peak,
     parse_counts,
     state_bytes,
     state_tensors,
     sync,
+    timed,
     write_json,
 )
 from dcq.errors import DcqError
-
-
-# -- options that change how the DCQ step is computed (the default is the core API, as `dcq train`) --
-class ForeachEMA:
-    """Momentum update with two fused multi-tensor kernels instead of a loop over parameters."""
-
-    def __init__(self, generator: dcq.MomentumEncoder, online: nn.Module):
-        self.m = generator.momentum
-        self.k_float = [t for t in _tensors(generator.encoder) if t.is_floating_point()]
-        self.q_float = [t for t in _tensors(online) if t.is_floating_point()]
-        self.k_other = [t for t in _tensors(generator.encoder) if not t.is_floating_point()]
-        self.q_other = [t for t in _tensors(online) if not t.is_floating_point()]
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        torch._foreach_mul_(self.k_float, self.m)
-        torch._foreach_add_(self.k_float, [t.detach() for t in self.q_float], alpha=1.0 - self.m)
-        for k, q in zip(self.k_other, self.q_other):
-            k.copy_(q)
-
-
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    return list(module.parameters()) + list(module.buffers())
+from dcq.train.step import TrainStep
 
 
 @dataclass
@@ -96,15 +76,14 @@ class Options:
     queue: int
     tiny_classes: int
     device: torch.device
-    amp_dtype: torch.dtype | None
+    amp: str  # "none" | "bf16"
     channels_last: bool
-    ema: str  # "core" | "foreach"
-    keys: str  # "no_grad" | "inference"
+    grad_clip: float
     seed: int
 
 
 class StepRunner:
-    """One configuration: backbone (+ weight generator) + head + SGD, stepping on random images."""
+    """One configuration: backbone (+ weight generator) + head + SGD in a TrainStep, on random images."""
 
     def __init__(self, mode: str, classes: int, opt: Options, pool):
         self.mode, self.classes, self.opt, self.pool = mode, classes, opt, pool
@@ -113,81 +92,57 @@ class StepRunner:
         dev = opt.device
         torch.manual_seed(opt.seed)
         backbone = dcq.models.get_backbone(opt.backbone, embedding_size=opt.dim, image_size=opt.image_size)
-        self.backbone = backbone.to(dev)
+        backbone = backbone.to(dev)
         if opt.channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.generator = None
-        self.ema = None
+            backbone = backbone.to(memory_format=torch.channels_last)
+        generator = None
         if mode == "dcq":
-            self.generator = dcq.MomentumEncoder(self.backbone, momentum=0.999).to(dev)
-            self.head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=opt.queue).to(dev)
+            generator = dcq.MomentumEncoder(backbone, momentum=0.999).to(dev)
+            head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=opt.queue).to(dev)
             gen = torch.Generator().manual_seed(opt.seed + 1)
             keys = nn.functional.normalize(torch.randn(opt.queue, opt.dim, generator=gen), dim=1)
-            self.head.queue.enqueue(keys.to(dev), torch.randint(0, classes, (opt.queue,), generator=gen).to(dev))
-            if opt.ema == "foreach":
-                self.ema = ForeachEMA(self.generator, self.backbone)
+            head.queue.enqueue(keys.to(dev), torch.randint(0, classes, (opt.queue,), generator=gen).to(dev))
         else:
             with torch.device(dev):
-                self.head = dcq.FullFC(opt.dim, classes).to(dev)
-        params = [p for p in list(self.backbone.parameters()) + list(self.head.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+                head = dcq.FullFC(opt.dim, classes).to(dev)
+        params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.train_step = TrainStep(backbone, head, optimizer, generator, amp=opt.amp, grad_clip=opt.grad_clip)
+        self.train_step.train()
         self.labels = [torch.randint(0, classes, (opt.batch,), generator=torch.Generator().manual_seed(i)).to(dev)
                        for i in range(len(pool))]
-        self.backbone.train()
-        if self.generator is not None:
-            self.generator.train()
 
     @property
     def name(self) -> str:
         return "backbone" if self.mode == "backbone" else f"{self.mode}@{self.classes:g}"
 
-    def _autocast(self):
-        if self.opt.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.opt.device.type, dtype=self.opt.amp_dtype)
-
     def step(self) -> None:
         i = self.index % len(self.pool)
         self.index += 1
-        samples, refs = self.pool[i]
-        labels = self.labels[i]
-        keys = None
-        if self.generator is not None:
-            if self.ema is not None:
-                self.ema()
-            else:
-                self.generator.update(self.backbone)
-            key_mode = torch.inference_mode() if self.opt.keys == "inference" else contextlib.nullcontext()
-            with key_mode, self._autocast():
-                keys = self.generator(refs).float()
-            if self.opt.keys == "inference":
-                keys = keys.clone()  # a normal tensor again, usable by autograd-recording ops
-        with self._autocast():
-            embeddings = self.backbone(samples)
-        out = self.head(embeddings, labels=labels, key=keys)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+        samples, references = self.pool[i]
+        self.train_step(samples, references.unsqueeze(1), self.labels[i])  # one reference per sample
 
     def timed_step(self) -> float:
-        sync(self.opt.device)
-        start = time.perf_counter()
-        self.step()
-        sync(self.opt.device)
-        return time.perf_counter() - start
+        return timed(self.step, self.opt.device)
 
-    def modules(self) -> list[nn.Module]:
-        return [m for m in (self.backbone, self.generator, self.head) if m is not None]
+    def _state(self):
+        return self.train_step.modules(), [self.train_step.optimizer]
 
     def resident_bytes(self) -> int:
-        return state_bytes(self.modules(), [self.optimizer])
+        return state_bytes(*self._state())
 
     def peak_bytes(self) -> int:
-        return measure_peak(self.step, lambda: list(state_tensors(self.modules(), [self.optimizer])),
-                            self.opt.device)
+        return measure_peak(self.step, lambda: list(state_tensors(*self._state())), self.opt.device)
 
     def close(self) -> None:
-        self.backbone = self.generator = self.head = self.optimizer = self.ema = None
+        self.train_step = None
+
+
+def _built_and_warm(mode: str, classes: int, opt: Options, pool, warmup: int) -> StepRunner:
+    runner = StepRunner(mode, classes, opt, pool)
+    for _ in range(warmup):
+        runner.step()
+    return runner
 
 
 def estimated_need(mode: str, classes: int, opt: Options, param_bytes: int) -> int:
@@ -210,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="default: %(default)s")
     p.add_argument("--dcq-classes", default="1e5",
                    help="identities for the DCQ rows (only the label range changes; default: %(default)s)")
-    p.add_argument("--fc-classes", default="1e5", help="classes of the FC rows; 'none' for no FC (default: %(default)s)")
+    p.add_argument("--fc-classes", default="1e5",
+                   help="classes of the FC rows; 'none' for no FC (default: %(default)s)")
     p.add_argument("--queue", type=int, default=8192, help="DCQ queue size (default: %(default)s)")
     p.add_argument("--tiny-classes", type=int, default=100, help="the backbone-only row's FC (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="timed steps per configuration (default: %(default)s)")
@@ -218,10 +174,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="backbone in channels_last memory format")
-    p.add_argument("--ema", default="core", choices=("core", "foreach"),
-                   help="core: MomentumEncoder.update (as dcq train); foreach: two fused multi-tensor kernels")
-    p.add_argument("--keys", default="no_grad", choices=("no_grad", "inference"),
-                   help="key forward under MomentumEncoder's no_grad (as dcq train) or inference_mode")
+    p.add_argument("--grad-clip", type=float, default=5.0,
+                   help="max gradient norm of the backbone, as the config's grad_clip; 0 disables "
+                   "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--profile", action="store_true",
@@ -258,8 +213,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DcqError(f"--backbone/--image-size: {exc}") from None
     opt = Options(args.backbone, image_size, args.dim, args.batch, args.queue, args.tiny_classes, device,
-                  torch.bfloat16 if args.amp == "bf16" else None, args.channels_last, args.ema, args.keys,
-                  args.seed)
+                  args.amp, args.channels_last, args.grad_clip, args.seed)
     dcq_classes = parse_counts(args.dcq_classes, "--dcq-classes")
     fc_classes = [] if str(args.fc_classes).lower() == "none" else parse_counts(args.fc_classes, "--fc-classes")
     plan = [("backbone", args.tiny_classes)] + [("dcq", n) for n in dcq_classes] + [("fc", n) for n in fc_classes]
@@ -283,18 +237,12 @@ def run(args: argparse.Namespace) -> int:
             results[(mode, classes)] = {"error": OOM}
             log(f"{mode}@{classes:g}: needs ~{format_bytes(need)} > budget {format_bytes(budget)}: {OOM}")
             continue
-        failed = False
-        try:
-            runner = StepRunner(mode, classes, opt, pool)
+        ok, runner = attempt(_built_and_warm, mode, classes, opt, pool, args.warmup)
+        if ok:
             runners[(mode, classes)] = runner
-            for _ in range(args.warmup):
-                runner.step()
-        except Exception as exc:  # only OOM is expected
-            if not is_oom(exc):
-                raise
-            failed = True
-        if failed:
+        else:
             _drop(runners, results, (mode, classes), device, log)
+        del runner
     log(f"timing {', '.join(r.name for r in runners.values())}: {args.repeats} interleaved repeats")
     order = list(runners)
     for rep in range(args.repeats):
@@ -302,29 +250,18 @@ def run(args: argparse.Namespace) -> int:
         for key in order[k:] + order[:k]:
             if key not in runners:
                 continue
-            failed = False
-            try:
-                runners[key].times.append(runners[key].timed_step())
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                failed = True
-            if failed:
+            ok, seconds = attempt(runners[key].timed_step)
+            if ok:
+                runners[key].times.append(seconds)
+            else:
                 _drop(runners, results, key, device, log)
 
     for key, runner in list(runners.items()):
         res = {"step_ms": 1000.0 * statistics.median(runner.times), "resident_bytes": runner.resident_bytes(),
                "peak_bytes": None}
         if not args.no_memory:
-            failed = False
-            try:
-                res["peak_bytes"] = runner.peak_bytes()
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                failed = True
-            if failed:
-                res["peak_bytes"] = OOM
+            ok, peak = attempt(runner.peak_bytes)
+            res["peak_bytes"] = peak if ok else OOM
         results[key] = res
 
     if args.profile:
@@ -356,8 +293,9 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "train_step", "backbone": args.backbone, "image_size": image_size, "dim": args.dim,
         "batch": args.batch, "queue": args.queue, "tiny_classes": args.tiny_classes, "repeats": args.repeats,
         "warmup": args.warmup, "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
-        "ema": args.ema, "keys": args.keys, "threads": torch.get_num_threads(), "seed": args.seed,
+        "grad_clip": args.grad_clip, "threads": torch.get_num_threads(), "seed": args.seed,
         "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) over backbone + head parameters",
+        "step": "dcq.train.step.TrainStep, as dcq train runs it",
         "step_ms": "median over repeats, configurations interleaved in rotating order",
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "processor": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -150,7 +150,7 @@ def test_train_step_tiny_cpu(tmp_path):
     out = tmp_path / "ts.json"
     rc = load_train_step().main(["--image-size", "16", "--dim", "16", "--batch", "4", "--queue", "32",
                                  "--dcq-classes", "100", "--fc-classes", "1000", "--repeats", "1",
-                                 "--warmup", "0", "--ema", "foreach", "--json", str(out)])
+                                 "--warmup", "0", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["backbone", "dcq", "fc"]
@@ -159,22 +159,18 @@ def test_train_step_tiny_cpu(tmp_path):
         assert r["step_ms"] > 0 and r["peak_bytes"] >= r["resident_bytes"] > 0
 
 
-def test_foreach_ema_matches_momentum_encoder():
-    import dcq
+def test_benchmarks_run_the_training_step():
+    """`dcq bench` and benchmarks/train_step.py time the trainer's TrainStep, not a copy of it."""
+    from dcq.train.step import TrainStep
 
     ts = load_train_step()
-    torch.manual_seed(0)
-    online = dcq.models.get_backbone("cpunet", embedding_size=8, image_size=16)
-    a, b = dcq.MomentumEncoder(online, momentum=0.9), dcq.MomentumEncoder(online, momentum=0.9)
-    with torch.no_grad():
-        for p in online.parameters():
-            p.add_(torch.randn_like(p))
-    online(torch.randn(4, 3, 16, 16))  # moves BN running statistics
-    a.update(online)
-    ts.ForeachEMA(b, online)()
-    for x, y in zip(list(a.encoder.parameters()) + list(a.encoder.buffers()),
-                    list(b.encoder.parameters()) + list(b.encoder.buffers())):
-        assert torch.allclose(x, y, atol=1e-6)
+    assert ts.TrainStep is TrainStep
+    case = bench.HeadCase("dcq", 50, queue_size=8)
+    batches = bench.make_batches(1, 4, 8, 50, torch.device("cpu"), torch.float32, 0)
+    runner = bench.HeadRunner(case, 8, torch.device("cpu"), None, batches, 0)
+    assert isinstance(runner.train_step, TrainStep)
+    runner.step()
+    assert runner.head.queue.filled == 8
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")

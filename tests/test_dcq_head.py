@@ -60,7 +60,7 @@ class ReferenceDCQ:
 def run_steps(head, ref, batches, dtype=torch.float32, atol=1e-4):
     for query, key, labels in batches:
         tq = torch.tensor(query, dtype=dtype, requires_grad=True)
-        out = head(tq, torch.tensor(key, dtype=dtype), torch.tensor(labels))
+        out = head(tq, torch.tensor(labels), key=torch.tensor(key, dtype=dtype))
         as_input = (lambda a: a) if dtype == torch.float32 else (
             lambda a: torch.tensor(a, dtype=dtype).float().numpy())
         exp_logits, exp_loss = ref.step(as_input(query), as_input(key), labels)
@@ -96,7 +96,7 @@ def test_consecutive_steps_with_wraparound(rng, queue_size, batch):
 def test_empty_queue_gives_zero_loss(rng):
     head = DynamicClassQueue(embedding_size=4, queue_size=8)
     q = torch.randn(3, 4, requires_grad=True)
-    out = head(q, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    out = head(q, torch.tensor([0, 1, 2]), key=torch.randn(3, 4))
     assert out.loss.item() == pytest.approx(0.0, abs=1e-7)
     assert torch.isinf(out.logits[:, 1:]).all()
     out.loss.backward()
@@ -106,7 +106,7 @@ def test_empty_queue_gives_zero_loss(rng):
 def test_own_label_masked_in_queue():
     head = DynamicClassQueue(embedding_size=3, queue_size=4, scale=1.0, margin=0.0)
     head.queue.enqueue(torch.eye(3)[:2], torch.tensor([7, 9]))
-    out = head(torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 0, 1.0]]), torch.tensor([7]))
+    out = head(torch.tensor([[1.0, 0, 0]]), torch.tensor([7]), key=torch.tensor([[0, 0, 1.0]]))
     # slot 0 holds label 7 (own identity): masked; slot 1 (label 9) is a negative; 2, 3 empty
     assert torch.isinf(out.logits[0, 1]) and out.logits[0, 2].item() == pytest.approx(0.0)
     assert torch.isinf(out.logits[0, 3:]).all()
@@ -122,7 +122,7 @@ def test_bf16_inputs(rng):
 def test_arcface_positive(rng):
     head = DynamicClassQueue(embedding_size=5, queue_size=6, scale=30.0, margin=0.5, margin_type="arcface")
     q, k = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    out = head(torch.tensor(q, dtype=torch.float32), torch.tensor(k, dtype=torch.float32), torch.tensor([0, 1, 2]))
+    out = head(torch.tensor(q, dtype=torch.float32), torch.tensor([0, 1, 2]), key=torch.tensor(k, dtype=torch.float32))
     cos = np.sum(normalise(q) * normalise(k), axis=1)
     theta = np.arccos(cos)
     expected = 30.0 * np.where(theta <= math.pi - 0.5, np.cos(theta + 0.5), cos - 0.5 * math.sin(0.5))
@@ -152,7 +152,7 @@ def test_gradient_reaches_query_only():
     head.queue.enqueue(torch.randn(5, 4), torch.tensor([5, 6, 7, 8, 9]))
     q = torch.randn(3, 4, requires_grad=True)
     k = torch.randn(3, 4, requires_grad=True)
-    out = head(q, k, torch.tensor([0, 1, 2]))
+    out = head(q, torch.tensor([0, 1, 2]), key=k)
     out.loss.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert k.grad is None
@@ -166,7 +166,7 @@ def test_gradient_matches_finite_differences_of_reference(rng):
     head.queue.enqueue(torch.tensor(qw, dtype=torch.float32), torch.tensor(ql))
     q, k, labels = rng.normal(size=(2, 4)), rng.normal(size=(2, 4)), np.array([0, 1])
     tq = torch.tensor(q, dtype=torch.float32, requires_grad=True)
-    head(tq, torch.tensor(k, dtype=torch.float32), torch.tensor(labels)).loss.backward()
+    head(tq, torch.tensor(labels), key=torch.tensor(k, dtype=torch.float32)).loss.backward()
 
     def ref_loss(x):
         ref = ReferenceDCQ(6, 4, 5.0, 0.2)
@@ -180,3 +180,21 @@ def test_gradient_matches_finite_differences_of_reference(rng):
         minus[idx] -= eps
         numeric[idx] = (ref_loss(plus) - ref_loss(minus)) / (2 * eps)
     np.testing.assert_allclose(tq.grad.numpy(), numeric, atol=1e-4)
+
+
+def test_missing_key_is_a_clear_error():
+    head = DynamicClassQueue(embedding_size=4, queue_size=6)
+    with pytest.raises(ValueError, match="needs key="):
+        head(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_every_head_takes_the_same_call():
+    """head(embeddings, labels, key=key) on all three heads; FC and Partial FC ignore the key."""
+    from dcq import FullFC, PartialFC
+
+    emb, labels, key = torch.randn(4, 6), torch.tensor([0, 1, 2, 1]), torch.randn(4, 6)
+    for head in (DynamicClassQueue(embedding_size=6, queue_size=5), FullFC(6, 3), PartialFC(6, 3, sample_rate=0.5)):
+        out = head(emb, labels, key=key)
+        assert out.loss.ndim == 0 and out.logits.shape[0] == 4 and out.targets.shape == (4,)
+        assert isinstance(head.metrics(), dict)
+    assert DynamicClassQueue(embedding_size=6, queue_size=5).metrics() == {"queue_fill": 0.0}

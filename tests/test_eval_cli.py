@@ -18,7 +18,7 @@ from dcq.data import write_bin
 from dcq.errors import DcqError
 from dcq.eval import embed_images, evaluate_bin
 from dcq.models import get_backbone
-from dcq.train.checkpoint import build_eval_encoder, load_checkpoint, save_checkpoint
+from dcq.checkpoint import build_eval_encoder, load_checkpoint, save_checkpoint
 
 SIZE, DIM = 16, 16
 VERIFY_KEYS = {"accuracy", "accuracy_std", "threshold", "pairs", "tar_at_far"}

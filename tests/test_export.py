@@ -4,7 +4,7 @@ import torch
 
 from dcq.cli import main
 from dcq.models import get_backbone
-from dcq.train.checkpoint import save_checkpoint
+from dcq.checkpoint import save_checkpoint
 
 
 def test_export_matches_torch_with_dynamic_batch(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dcq.errors import DcqError
-from dcq.train.checkpoint import load_checkpoint, save_checkpoint
+from dcq.checkpoint import load_checkpoint, save_checkpoint
 from dcq.train.config import build_config
 from dcq.train.loop import Trainer, train
 
@@ -30,9 +30,9 @@ def tiny_dataset(tmp_path_factory):
 
 def tiny_config(data, out, **over):
     values = {
-        "backbone": "cpunet", "embedding_size": 32, "image_size": 32, "batch_size": 32, "train": str(data),
+        "backbone": "cpunet", "embedding_size": 32, "image_size": 32, "batch_size": 32, "train_data": str(data),
         "output": str(out), "lr": 0.05, "max_steps": 30, "workers": 0, "log_every": 1, "progress": False,
-        "checkpoint_every": 0, "queue_size": 16, "scale": 30.0, "margin": 0.2, "momentum": 0.9,
+        "checkpoint_every": 0, "queue_size": 16, "scale": 30.0, "margin": 0.2, "generator_momentum": 0.9,
         "threads": 1, "schedule": "cosine",
     }
     values.update(over)
@@ -50,7 +50,7 @@ def read_steps(out):
 @pytest.mark.parametrize("head", ["dcq", "fc", "pfc"])
 def test_each_head_trains_and_loss_falls(tiny_dataset, tmp_path, head):
     cfg = tiny_config(tiny_dataset, tmp_path / head, head=head, max_steps=40, preload=True, sample_rate=0.5,
-                      lr=0.1, momentum=0.5)
+                      lr=0.1, generator_momentum=0.5)
     summary = train(cfg)
     steps = read_steps(tmp_path / head)
     losses = [steps[s]["loss"] for s in sorted(steps)]
@@ -108,7 +108,7 @@ def test_resume_after_sigkill_is_exact(tiny_dataset, tmp_path):
 
 CRASH_WRITER = """
 import os, signal, sys, torch
-from dcq.train import checkpoint
+from dcq import checkpoint
 path = sys.argv[1]
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
@@ -155,7 +155,7 @@ def test_guards(tiny_dataset, tmp_path):
         Trainer(tiny_config(tiny_dataset, tmp_path / "g1", queue_size=10_000))
     with pytest.raises(DcqError, match="batch_size=100000 is larger"):
         Trainer(tiny_config(tiny_dataset, tmp_path / "g2", batch_size=100_000))
-    with pytest.raises(DcqError, match="train is empty"):
+    with pytest.raises(DcqError, match="train_data is empty"):
         Trainer(tiny_config("", tmp_path / "g3"))
 
 

@@ -3,14 +3,15 @@
 `dcq bench heads --classes 1e4,1e5,1e6` times one *head step* for every number of classes N:
 
 - ``fc``   FullFC over all N classes;
-- ``pfc``  PartialFC sampling ``--sample-rate`` of the class centres (optimiser bound with
-           ``bind_optimizer``, so its step gathers/scatters rows of weights and momentum);
+- ``pfc``  PartialFC sampling ``--sample-rate`` of the class centres (its step gathers/scatters
+           rows of weights and momentum around the optimiser step);
 - ``dcq``  DynamicClassQueue with a fixed queue (``--queue``, 8192) and with a queue of
            ``--queue-fraction`` of the classes (the paper's ~10%).
 
-A head step is what the head adds to a training step: forward + backward (the gradient w.r.t. a
-random embedding batch that requires grad, as the backbone's output would) + the optimiser step on
-the head's own state (SGD, momentum 0.9, weight decay 5e-4, for FC and Partial FC; DCQ has no
+A head step is what the head adds to a training step, run by the training step itself
+(`dcq.train.step.TrainStep`) with precomputed embeddings and keys: forward + backward (the gradient
+w.r.t. a random embedding batch that requires grad, as the backbone's output would) + the
+optimiser step on the head's own state (SGD, momentum 0.9, weight decay 5e-4, for FC and Partial FC; DCQ has no
 parameters and its "step" is the enqueue inside its forward). DCQ keys are random unit vectors: the
 weight generator's cost belongs to the backbone and is measured by `benchmarks/train_step.py`.
 
@@ -36,7 +37,6 @@ CUDA, or ``--memory-budget``) is not allocated and is reported as out of memory;
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -358,14 +358,25 @@ def make_head(case: HeadCase, dim: int) -> nn.Module:
     return dcq.DynamicClassQueue(embedding_size=dim, queue_size=case.queue_size)
 
 
+class PrecomputedEmbeddings(nn.Module):
+    """The feature extractor's stand-in in a head step: hands the step a fresh leaf of the given
+    embeddings that requires grad, as the backbone's output would (no parameters, no cost)."""
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings.detach().requires_grad_(True)
+
+
 class HeadRunner:
-    """One head with its optimiser, stepping on a shared pool of random batches."""
+    """One head with its optimiser, stepping on a shared pool of random batches through the
+    training step (`dcq.train.step.TrainStep`) with precomputed embeddings and keys."""
 
     def __init__(self, case: HeadCase, dim: int, device: torch.device, amp_dtype: torch.dtype | None,
                  batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], seed: int):
+        from dcq.momentum import MomentumEncoder
+        from dcq.train.step import TrainStep
+
         self.case = case
         self.device = device
-        self.amp_dtype = amp_dtype
         self.batches = batches
         self.step_index = 0
         self.times: list[float] = []
@@ -375,33 +386,24 @@ class HeadRunner:
         self.head = head.to(device)
         params = [p for p in self.head.parameters() if p.requires_grad]
         self.optimizer = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4) if params else None)
-        if self.optimizer is not None:
-            self.head.bind_optimizer(self.optimizer)
         if case.head == "dcq":  # a full queue: random unit keys with random labels
             gen = torch.Generator(device="cpu").manual_seed(seed + 1)
             keys = torch.nn.functional.normalize(torch.randn(case.queue_size, dim, generator=gen), dim=1)
             labels = torch.randint(0, case.classes, (case.queue_size,), generator=gen)
             self.head.queue.enqueue(keys.to(device), labels.to(device))
             del keys, labels
+        # keys are given: the weight generator is a pass-through (an EMA of nothing)
+        generator = MomentumEncoder(nn.Identity()) if self.head.needs_key else None
+        amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        self.train_step = TrainStep(PrecomputedEmbeddings(), self.head, self.optimizer, generator, amp=amp)
 
     def step(self) -> None:
         emb, labels, key = self.batches[self.step_index % len(self.batches)]
         self.step_index += 1
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        emb = emb.detach().requires_grad_(True)  # the backbone's output: gets a gradient
-        with autocast(self.device, self.amp_dtype):
-            out = self.head(emb, labels=labels, key=key)
-        out.loss.backward()
-        if self.optimizer is not None:
-            self.optimizer.step()
+        self.train_step(emb, key.unsqueeze(1), labels)  # one reference per sample: (B, 1, d)
 
     def timed_step(self) -> float:
-        sync(self.device)
-        start = time.perf_counter()
-        self.step()
-        sync(self.device)
-        return time.perf_counter() - start
+        return timed(self.step, self.device)
 
     def state_bytes(self) -> int:
         return state_bytes([self.head], [self.optimizer] if self.optimizer is not None else [])
@@ -416,6 +418,7 @@ class HeadRunner:
     def close(self) -> None:
         self.head = None
         self.optimizer = None
+        self.train_step = None
 
 
 def measure_peak(step: Callable[[], Any], resident: Callable[[], list[torch.Tensor]],
@@ -437,13 +440,6 @@ def measure_peak(step: Callable[[], Any], resident: Callable[[], list[torch.Tens
     with tracker:
         step()
     return tracker.peak
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """Mixed-precision autocast for `amp_dtype`, or no context at all for full precision."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
 
 
 def attempt(fn: Callable[..., Any], *args) -> tuple[bool, Any]:
@@ -470,6 +466,15 @@ def _built_and_warm(case, cfg, device, amp_dtype, batches) -> HeadRunner:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of `step` takes, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def make_batches(count: int, batch: int, dim: int, classes: int, device: torch.device,

@@ -39,13 +39,13 @@ DEMO_TRAIN = {
     "log_every": 25,
     "checkpoint_every": 0,
     "keep_last": 1,
-    "momentum": 0.99,
+    "generator_momentum": 0.99,
 }
 HEAD_SETTINGS = {
     # A 1,500-identity set is tiny next to MS1MV2's 85K: 10% would be a 150-entry queue, so the demo
     # keeps 30% (450 negatives). s=32, m=0.2 suit a 128-d embedding trained for minutes; the paper's
     # s=50, m=0.3 at iresnet50 scale are in configs/paper_ms1mv2.yaml.
-    "dcq": {"head": "dcq", "queue_size": 0.3, "scale": 32.0, "margin": 0.2, "margin_type": "cosface"},
+    "dcq": {"head": "dcq", "queue_fraction": 0.3, "scale": 32.0, "margin": 0.2, "margin_type": "cosface"},
     "fc": {"head": "fc", "scale": 32.0, "margin": 0.2, "margin_type": "cosface"},
     "pfc": {"head": "pfc", "sample_rate": 0.1, "scale": 32.0, "margin": 0.2, "margin_type": "cosface"},
 }
@@ -94,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dcq.eval.embedding import embed_images, raw_pixel_embeddings
     from dcq.eval.plots import plot_longtail, plot_roc
     from dcq.eval.verification import roc_curve_points
-    from dcq.train.checkpoint import build_eval_encoder, load_checkpoint
+    from dcq.checkpoint import build_eval_encoder, load_checkpoint
     from dcq.train.config import build_config
     from dcq.train.loop import train
 
@@ -122,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
     longtail = {}
     train_seconds = {}
     for name in heads:
-        settings = {**DEMO_TRAIN, **HEAD_SETTINGS[name], "train": str(data_dir), "max_steps": args.steps,
+        settings = {**DEMO_TRAIN, **HEAD_SETTINGS[name], "train_data": str(data_dir), "max_steps": args.steps,
                     "eval_bins": [], "output": str(out / "runs" / name), "seed": args.seed,
                     "threads": args.threads}
         cfg = build_config(settings, source="demo")

@@ -65,7 +65,7 @@ def check_against_onnxruntime(encoder, onnx_path: Path, image_size: int, batch: 
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dcq.train.checkpoint import build_eval_encoder, load_checkpoint
+    from dcq.checkpoint import build_eval_encoder, load_checkpoint
 
     encoder, info = build_eval_encoder(load_checkpoint(args.checkpoint), prefer=args.encoder)
     out = export_onnx(encoder, info["image_size"], Path(args.onnx), args.opset)

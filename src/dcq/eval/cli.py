@@ -41,7 +41,7 @@ def _device(name: str):
 
 def _encoder(args) -> tuple:
     """(encoder, info, checkpoint dict, device) and the line saying which encoder is used."""
-    from dcq.train.checkpoint import build_eval_encoder, load_checkpoint
+    from dcq.checkpoint import build_eval_encoder, load_checkpoint
 
     if args.batch_size < 1:
         raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")

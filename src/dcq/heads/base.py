@@ -1,8 +1,14 @@
-"""What every head returns, and the one call signature the training loop relies on.
+"""What every head returns, and the one call the training step relies on.
 
-All heads are called as ``head(embeddings, labels=labels, key=key)``: classification heads ignore
-`key`; DCQ needs it (the weight generator's embedding of the reference image). `needs_key` tells the
-loop whether computing keys is worth the forward pass.
+Every head is called ``out = head(embeddings, labels, key=key)``:
+
+- ``embeddings`` (B, d): the feature extractor's embeddings of the sample images (get gradients);
+- ``labels`` (B,) int64: the identities;
+- ``key`` (B, d) or (B, k, d): the weight generator's embeddings of the reference images (constant).
+  DCQ needs it (``needs_key = True``, so the step computes it); FC and Partial FC ignore it.
+
+and returns a `HeadOutput`. A head reports its own training metrics through ``metrics()`` (DCQ: how
+full its queue is), so the training loop never asks which head it runs.
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ class HeadOutput:
 
 
 class Head(nn.Module):
-    """Base class: a loss on (embeddings, labels[, key]) that returns a HeadOutput."""
+    """Base class: a loss on (embeddings, labels, key) that returns a HeadOutput."""
 
-    needs_key: bool = False
+    needs_key: bool = False  # True: the step computes the weight generator's key for every batch
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hook for heads that manage part of their optimiser state themselves (Partial FC)."""
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                key: torch.Tensor | None = None) -> HeadOutput:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Head-specific training metrics, logged beside the loss (name -> value)."""
+        return {}
 
 
 def check_labels(labels: torch.Tensor, batch: int, num_classes: int | None = None) -> torch.Tensor:

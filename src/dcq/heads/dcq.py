@@ -1,10 +1,11 @@
 """DynamicClassQueue: the DCQ head (Li et al., CVPR 2021).
 
-Per batch of B items (a sample image and a reference image of one identity each):
+Per batch of B items (a sample image and a reference image of one identity each), called as
+``head(embeddings, labels, key=key)`` like every head:
 
-1. q = normalise(query)  - the feature extractor's embedding of the sample (gets gradients)
-   w = normalise(key)    - the weight generator's embedding of the reference: the identity's class
-                           weight, generated on the fly (constant: no gradient)
+1. q = normalise(embeddings) - the feature extractor's embedding of the sample (gets gradients)
+   w = normalise(key)        - the weight generator's embedding of the reference: the identity's
+                               class weight, generated on the fly (constant: no gradient)
 2. positive logit   s * (cos(q, w) - m)               (CosFace; ArcFace etc. via `margin_type`)
    negative logits  s * cos(q, queue[j]) for every queue slot j, set to -inf where the slot is empty
                     or holds the sample's own identity
@@ -22,6 +23,8 @@ Opt-in extensions (off by default, which is the official implementation's behavi
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,7 @@ class DynamicClassQueue(Head):
         margin_type: str = "cosface",
         in_batch_negatives: bool = False,
         dedup: bool = False,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.embedding_size = int(embedding_size)
@@ -51,8 +55,8 @@ class DynamicClassQueue(Head):
         self.dedup = bool(dedup)
         self.queue = ClassQueue(queue_size, embedding_size)
         # Multi-process training: every rank enqueues the weights generated on all ranks, so the
-        # queues stay identical (set to an all-gather by dcq.train.distributed; None = local only).
-        self.gather = None
+        # queues stay identical (`dcq.distributed.all_gather_cat`; None = this process only).
+        self.gather = gather
 
     def class_weights(self, key: torch.Tensor) -> torch.Tensor:
         """Generated class weight per item: normalised key, or the renormalised mean of k keys."""
@@ -82,14 +86,18 @@ class DynamicClassQueue(Head):
         newest[order] = first
         return newest
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        if query.ndim != 2 or query.shape[1] != self.embedding_size:
-            raise ValueError(f"query must be (B, {self.embedding_size}), got {tuple(query.shape)}")
-        if key.shape[0] != query.shape[0] or key.shape[-1] != self.embedding_size or key.ndim not in (2, 3):
-            raise ValueError(f"key must be (B, d) or (B, k, d) matching query, got {tuple(key.shape)}")
-        labels = check_labels(labels, query.shape[0]).to(query.device)
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            q = F.normalize(query.float(), dim=1)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                key: torch.Tensor | None = None) -> HeadOutput:
+        if key is None:
+            raise ValueError("DynamicClassQueue needs key=: the weight generator's embeddings of the reference "
+                             "images, (B, d) or (B, k, d); call head(embeddings, labels, key=key)")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(embeddings.shape)}")
+        if key.shape[0] != embeddings.shape[0] or key.shape[-1] != self.embedding_size or key.ndim not in (2, 3):
+            raise ValueError(f"key must be (B, d) or (B, k, d) matching embeddings, got {tuple(key.shape)}")
+        labels = check_labels(labels, embeddings.shape[0]).to(embeddings.device)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            q = F.normalize(embeddings.float(), dim=1)
             w = self.class_weights(key)
 
             positive = self.margin.target_logit((q * w).sum(dim=1)) * self.margin.scale
@@ -108,6 +116,9 @@ class DynamicClassQueue(Head):
             w, labels = self.gather(w), self.gather(labels)
         self.queue.enqueue(w, labels)
         return HeadOutput(loss=loss, logits=logits, targets=targets)
+
+    def metrics(self) -> dict[str, float]:
+        return {"queue_fill": self.queue.fill_ratio}
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,9 @@ Each step keeps every class present in the batch (positives) and fills up to
 `ceil(sample_rate * N)` centres with uniformly drawn negatives. Only the sampled rows take part in
 the loss, so only they may change in the optimiser step: the sampled rows are gathered into a
 small parameter `sub_weight` (the one the optimiser sees) together with their rows of optimiser
-state (e.g. SGD's momentum buffer); after the step both are scattered back. Rows not sampled keep
+state (e.g. SGD's momentum buffer); after the step both are scattered back. Nothing needs binding:
+torch's global optimiser step hooks tell every live PartialFC when *any* optimiser steps, and the
+head acts only for the optimiser that holds its `sub_weight`. Rows not sampled keep
 their weight *and* their momentum, exactly like insightface's single-GPU Partial FC. The full
 matrices live in buffers `weight` (N, d) and `state_<name>` (N, d), so a checkpoint holds them.
 
@@ -14,9 +16,11 @@ Single process; the multi-GPU variant would shard `weight` over ranks and sample
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from dcq.heads.base import Head, check_labels
 from dcq.heads.full_fc import margin_softmax
@@ -45,8 +49,9 @@ class PartialFC(Head):
         self.register_buffer("weight", torch.normal(0.0, 0.01, (self.num_classes, self.embedding_size)))
         self.sub_weight = nn.Parameter(self.weight[: min(self.num_sample, self.num_classes)].clone())
         self.generator = torch.Generator().manual_seed(int(seed))
-        self._optimizer: torch.optim.Optimizer | None = None
         self._pending: torch.Tensor | None = None  # index whose sub_weight awaits an optimiser step
+        self._set_slot(self.sub_weight)
+        _LIVE_HEADS.add(self)
         self._register_state_dict_hook(_drop_sub_weight)
         self.register_load_state_dict_post_hook(_ignore_missing_sub_weight)
 
@@ -80,16 +85,20 @@ class PartialFC(Head):
 
     # -- optimiser plumbing ---------------------------------------------------------------------
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gather/scatter sampled rows of optimiser state around every `optimizer.step()`.
-
-        `sub_weight` must be in one of the optimiser's param groups (it is one of `parameters()`).
-        """
-        if not any(p is self.sub_weight for g in optimizer.param_groups for p in g["params"]):
+        """Optional check that `optimizer` holds this head's `sub_weight` (nothing needs binding:
+        the head recognises the optimiser that holds it whenever that optimiser steps)."""
+        if not self._holds(optimizer):
             raise ValueError("PartialFC.bind_optimizer: the optimizer does not hold this head's sub_weight")
-        self._optimizer = optimizer
-        self._set_slot(self.sub_weight)
-        optimizer.register_step_pre_hook(self._before_step)
-        optimizer.register_step_post_hook(self._after_step)
+
+    def _holds(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether `optimizer` steps this head's sampled rows (the tensor it holds is `_slot`)."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(p is self._slot for p in params):
+            return True
+        if any(p is self.sub_weight for p in params):  # built after a forward that enlarged sub_weight
+            self._set_slot(self.sub_weight)
+            return True
+        return False
 
     def _set_slot(self, param: nn.Parameter) -> None:
         """Remember which tensor the optimiser holds, without registering it as a parameter."""
@@ -102,8 +111,8 @@ class PartialFC(Head):
         return getattr(self, buf_name)
 
     @torch.no_grad()
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        if self._pending is None:
+    def _before_step(self, optimizer) -> None:
+        if self._pending is None or not self._holds(optimizer):
             return
         for group in optimizer.param_groups:  # point the optimiser at this step's parameter
             group["params"] = [self.sub_weight if p is self._slot else p for p in group["params"]]
@@ -120,8 +129,8 @@ class PartialFC(Head):
             optimizer.state[self.sub_weight] = state
 
     @torch.no_grad()
-    def _after_step(self, optimizer, args, kwargs) -> None:
-        if self._pending is None:
+    def _after_step(self, optimizer) -> None:
+        if self._pending is None or not self._holds(optimizer):
             return
         index = self._pending
         self.weight[index] = self.sub_weight.detach()
@@ -156,6 +165,23 @@ class PartialFC(Head):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"sample_rate={self.sample_rate}, num_sample={self.num_sample}, margin={self.margin}"
         )
+
+
+_LIVE_HEADS: weakref.WeakSet[PartialFC] = weakref.WeakSet()
+
+
+def _before_any_step(optimizer, args, kwargs) -> None:
+    for head in list(_LIVE_HEADS):
+        head._before_step(optimizer)
+
+
+def _after_any_step(optimizer, args, kwargs) -> None:
+    for head in list(_LIVE_HEADS):
+        head._after_step(optimizer)
+
+
+register_optimizer_step_pre_hook(_before_any_step)
+register_optimizer_step_post_hook(_after_any_step)
 
 
 def _drop_sub_weight(module, state_dict, prefix, local_metadata):

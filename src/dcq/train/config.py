@@ -2,12 +2,17 @@
 
 Unknown keys and values of the wrong type or out of range are rejected with one line that names the
 key, the value, and what is allowed, so a typo can never silently train the wrong model.
+
+Renamed keys keep working: ``momentum`` (the weight generator's EMA) is read as
+``generator_momentum``, ``train`` as ``train_data``, and a fractional ``queue_size`` (< 1) as
+``queue_fraction``; each such key prints one note on stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +33,8 @@ class TrainConfig:
     dropout: float = 0.0
     # head: dcq | fc | pfc
     head: str = "dcq"
-    queue_size: float = 0.1  # DCQ: a count (>= 1) or a fraction of the identities (< 1)
+    queue_size: int = 0  # DCQ: queue entries, a count; 0 = use queue_fraction
+    queue_fraction: float = 0.1  # DCQ: queue entries as a fraction of the identities (when queue_size is 0)
     scale: float = 50.0
     margin: float = 0.3
     margin_type: str = "cosface"
@@ -36,7 +42,7 @@ class TrainConfig:
     in_batch_negatives: bool = False  # DCQ extension
     dedup: bool = False  # DCQ extension
     num_references: int = 1  # DCQ: k reference images averaged into one class weight
-    momentum: float = 0.999  # weight generator EMA
+    generator_momentum: float = 0.999  # weight generator EMA
     bn_splits: int = 1  # single-process shuffle-BN groups for the weight generator
     # optimisation
     optimizer: str = "sgd"  # sgd | adamw
@@ -53,7 +59,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # max gradient norm; 0 disables
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
     # data
-    train: str = ""  # .rec file, folder with train.rec, or image-folder root
+    train_data: str = ""  # .rec file, folder with train.rec, or image-folder root
     sampling: str = "image"  # image | identity
     preload: bool = False  # decode the whole training set into memory once (small sets)
     workers: int = 2
@@ -93,16 +99,21 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise DcqError(f"config: {key}={getattr(self, key)!r} must be > 0")
         nonneg = ["margin", "weight_decay", "warmup_epochs", "max_steps", "grad_clip", "workers", "eval_every",
-                  "checkpoint_every", "threads", "dropout", "sgd_momentum", "queue_size"]
+                  "checkpoint_every", "threads", "dropout", "sgd_momentum", "queue_size", "queue_fraction"]
         for key in nonneg:
             if getattr(self, key) < 0:
                 raise DcqError(f"config: {key}={getattr(self, key)!r} must be >= 0")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise DcqError(f"config: momentum={self.momentum} must be in [0, 1] (the paper uses 0.999)")
+        if not 0.0 <= self.generator_momentum <= 1.0:
+            raise DcqError(f"config: generator_momentum={self.generator_momentum} must be in [0, 1] "
+                           "(the paper uses 0.999)")
         if not 0.0 < self.sample_rate <= 1.0:
             raise DcqError(f"config: sample_rate={self.sample_rate} must be in (0, 1]")
-        if self.queue_size <= 0:
-            raise DcqError("config: queue_size must be a count >= 1 or a fraction in (0, 1)")
+        if (self.queue_size > 0) == (self.queue_fraction > 0):
+            raise DcqError(f"config: set exactly one of queue_size (a count, now {self.queue_size}) and "
+                           f"queue_fraction (a fraction of the identities, now {self.queue_fraction})")
+        if self.queue_fraction > 1:
+            raise DcqError(f"config: queue_fraction={self.queue_fraction} must be in (0, 1]; "
+                           "for a count of entries use queue_size")
         if self.keep_last < 1:
             raise DcqError(f"config: keep_last={self.keep_last} must be >= 1")
         return self
@@ -175,7 +186,47 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+RENAMED = {"momentum": "generator_momentum", "train": "train_data"}  # old key -> key
+QUEUE_KEYS = ("queue_size", "queue_fraction")  # one of the two is set
+
+
+def _is_fraction(value: Any) -> bool:
+    try:
+        return 0 < float(value) < 1 and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def canonical_keys(values: dict[str, Any], source: str, notes: list[str] | None = None) -> dict[str, Any]:
+    """`values` with old key names replaced by the current ones (a note per replacement).
+
+    Also completes the queue pair: a queue_size given alone (a count) sets queue_fraction to 0.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        new = "queue_fraction" if key == "queue_size" and _is_fraction(value) else RENAMED.get(key)
+        if new is not None:
+            if new in values:
+                raise DcqError(f"config ({source}): both {key!r} (the old name) and {new!r} are set; keep {new!r}")
+            if notes is not None:
+                notes.append(f"config ({source}): {key}={value!r} read as {new}={value!r} "
+                             f"({key!r} is the old name)")
+            key = new
+        out[key] = value
+    if "queue_size" in out and "queue_fraction" not in out and str(out["queue_size"]).strip() not in ("0", "0.0"):
+        out["queue_fraction"] = 0.0
+    return out
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    notes: list[str] = []
+    values = canonical_keys(values, source, notes)
+    _print_notes(notes)
     kwargs = {}
     for key, value in values.items():
         if key not in FIELDS:
@@ -202,8 +253,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise DcqError(f"config file {path} must be a mapping of key: value")
         values.update(loaded)
         source = str(path)
+    notes: list[str] = []
+    values = canonical_keys(values, source, notes)
+    _print_notes(notes)
     cfg_file = build_config(values, source)
     if overrides:
-        merged = {**{k: v for k, v in values.items()}, **parse_overrides(overrides)}
-        return build_config(merged, f"{source} + --set")
+        notes = []
+        changed = canonical_keys(parse_overrides(overrides), "--set", notes)
+        _print_notes(notes)
+        if any(k in changed for k in QUEUE_KEYS):  # --set picks the queue setting; drop the file's
+            values = {k: v for k, v in values.items() if k not in QUEUE_KEYS}
+        return build_config({**values, **changed}, f"{source} + --set")
     return cfg_file

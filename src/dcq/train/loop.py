@@ -1,8 +1,8 @@
 """The training loop: one loop for every head.
 
-Per step: EMA update of the weight generator, keys without gradients (only for heads that need
-them), queries, head loss, backward, optimiser step, schedule step. The loop never asks which head
-it runs; it calls ``head(embeddings, labels=labels, key=keys)`` and reads a HeadOutput.
+Each step is `dcq.train.step.TrainStep` (the one definition of a training step, shared with `dcq
+bench` and the benchmarks). The loop never asks which head it runs: the step calls
+``head(embeddings, labels, key=key)`` and the loop logs the loss, accuracy and ``head.metrics()``.
 
 Exact resume: a checkpoint holds both encoders, the head (queue included), optimiser, schedule,
 step, the sampler position inside the epoch and every RNG state; augmentation randomness is seeded
@@ -26,14 +26,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dcq import distributed
+from dcq.checkpoint import checkpoint_files, latest_checkpoint, load_checkpoint, save_checkpoint
 from dcq.errors import DcqError
 from dcq.heads import DynamicClassQueue, FullFC, PartialFC
 from dcq.heads.base import Head
 from dcq.models import get_backbone
 from dcq.momentum import MomentumEncoder
-from dcq.train import distributed
-from dcq.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dcq.train.config import TrainConfig
+from dcq.train.step import TrainStep
 
 NAN_INJECTION_ENV = "DCQ_INJECT_NAN_STEP"  # fault-injection hook for tests: poison the loss at this step
 
@@ -83,7 +84,7 @@ class _SeededItems(Dataset):
 
 # -- construction -----------------------------------------------------------------------------------
 def resolve_queue_size(cfg: TrainConfig, num_identities: int) -> int:
-    size = int(cfg.queue_size) if cfg.queue_size >= 1 else max(1, round(cfg.queue_size * num_identities))
+    size = cfg.queue_size if cfg.queue_size else max(1, round(cfg.queue_fraction * num_identities))
     if size > num_identities:
         raise DcqError(
             f"queue_size={size} is larger than the number of identities ({num_identities}); "
@@ -92,12 +93,13 @@ def resolve_queue_size(cfg: TrainConfig, num_identities: int) -> int:
     return size
 
 
-def build_head(cfg: TrainConfig, num_identities: int) -> Head:
+def build_head(cfg: TrainConfig, num_identities: int, gather=None) -> Head:
+    """The configured head; `gather` (multi-process: an all-gather) keeps DCQ's queues identical."""
     if cfg.head == "dcq":
         return DynamicClassQueue(
             embedding_size=cfg.embedding_size, queue_size=resolve_queue_size(cfg, num_identities),
             scale=cfg.scale, margin=cfg.margin, margin_type=cfg.margin_type,
-            in_batch_negatives=cfg.in_batch_negatives, dedup=cfg.dedup,
+            in_batch_negatives=cfg.in_batch_negatives, dedup=cfg.dedup, gather=gather,
         )
     if cfg.head == "fc":
         return FullFC(cfg.embedding_size, num_identities, scale=cfg.scale, margin=cfg.margin,
@@ -178,20 +180,21 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
 
-        if not cfg.train:
-            raise DcqError("config: train is empty; set it to a .rec file, a folder with train.rec, or an image folder")
-        self.source = open_dataset(cfg.train)
+        if not cfg.train_data:
+            raise DcqError("config: train_data is empty; set it to a .rec file, a folder with train.rec, "
+                           "or an image folder")
+        self.source = open_dataset(cfg.train_data)
         n_images, n_ids = len(self.source), int(self.source.num_identities)
         if n_images == 0 or n_ids == 0:
-            raise DcqError(f"training set {cfg.train} is empty")
+            raise DcqError(f"training set {cfg.train_data} is empty")
         if cfg.head == "dcq" and n_ids < 2:
-            raise DcqError(f"training set {cfg.train} has {n_ids} identity; DCQ needs at least 2")
+            raise DcqError(f"training set {cfg.train_data} has {n_ids} identity; DCQ needs at least 2")
         pairs = PairSampler(np.asarray(self.source.labels), mode=cfg.sampling, num_references=cfg.num_references,
                             seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
         if pairs.epoch_length < cfg.batch_size:
             raise DcqError(
                 f"batch_size={cfg.batch_size} is larger than the {pairs.epoch_length} images per epoch this "
-                f"process reads from {cfg.train}; lower batch_size or use more data"
+                f"process reads from {cfg.train_data}; lower batch_size or use more data"
             )
         self.sampler = _PositionedSampler(pairs, cfg.seed)
         transform = TrainTransform(cfg.image_size, flip=cfg.flip)
@@ -204,22 +207,23 @@ class Trainer:
 
         self.backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                                      dropout=cfg.dropout).to(self.device)
-        self.head = build_head(cfg, n_ids).to(self.device)
-        self.generator = (MomentumEncoder(self.backbone, momentum=cfg.momentum, bn_splits=cfg.bn_splits)
+        gather = distributed.all_gather_cat if self.ctx.distributed else None
+        self.head = build_head(cfg, n_ids, gather=gather).to(self.device)
+        self.generator = (MomentumEncoder(self.backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits)
                           if self.head.needs_key else None)
         self.model = self.backbone
         if self.ctx.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if isinstance(self.head, DynamicClassQueue):
-                self.head.gather = distributed.all_gather_cat
         self.optimizer = build_optimizer(cfg, self.backbone, self.head)
-        self.head.bind_optimizer(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise DcqError("amp=fp16 needs CUDA; on CPU use amp=bf16 or amp=none")
+        self.train_step_fn = TrainStep(self.backbone, self.head, self.optimizer, self.generator, amp=cfg.amp,
+                                       grad_clip=cfg.grad_clip, scaler=self.scaler, scheduler=self.scheduler,
+                                       forward_model=self.model)
 
         self.step = 0
         self.epoch = 0
@@ -273,8 +277,7 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         path = save_checkpoint(self.out / f"step_{self.step:08d}.pt", self._payload())
-        old = sorted(self.out.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        for stale in old[: -self.cfg.keep_last]:
+        for stale in checkpoint_files(self.out)[: -self.cfg.keep_last]:
             stale.unlink(missing_ok=True)
         return path
 
@@ -350,24 +353,13 @@ class Trainer:
                           num_workers=workers, pin_memory=self.device.type == "cuda", generator=generator,
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
-    def train_step(self, samples, refs, labels) -> StepRecord:
-        cfg = self.cfg
-        samples = samples.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        autocast = torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-        keys = None
-        if self.generator is not None:
-            self.generator.update(self.backbone)
-            refs = refs.to(self.device, non_blocking=True)
-            b, k = refs.shape[:2]
-            with autocast:
-                keys = self.generator(refs.flatten(0, 1)).float()
-            keys = keys.view(b, k, -1) if k > 1 else keys.view(b, -1)
-        with autocast:
-            embeddings = self.model(samples)
-        out = self.head(embeddings, labels=labels, key=keys)
-        loss = out.loss
+    def train_step(self, samples, references, labels) -> StepRecord:
+        result = self.train_step_fn(samples, references, labels, loss_check=self._check_loss, device=self.device)
+        self.step += 1
+        return StepRecord(self.step, self.epoch, result.loss.item(), result.head.accuracy, result.lr)
+
+    def _check_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Stop before the optimiser step when the loss is NaN/Inf (and the test hook that causes it)."""
         if os.environ.get(NAN_INJECTION_ENV) == str(self.step + 1):
             loss = loss * float("nan")
         if not torch.isfinite(loss):
@@ -375,17 +367,7 @@ class Trainer:
                 f"loss is {loss.item()} at step {self.step + 1}; training stopped before the optimiser step, "
                 f"the last good checkpoint in {self.out} is untouched (lower lr or enable grad_clip)"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.backbone.parameters(), cfg.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
-        return StepRecord(self.step, self.epoch, loss.item(), out.accuracy, lr)
+        return loss
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -396,7 +378,7 @@ class Trainer:
 
             writer = SummaryWriter(str(self.out / "tb"))
             (self.out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
-        self.log(f"training {cfg.head} on {cfg.train}: {len(self.source)} images, "
+        self.log(f"training {cfg.head} on {cfg.train_data}: {len(self.source)} images, "
                  f"{self.source.num_identities} identities, {self.steps_per_epoch} steps/epoch, "
                  f"{self.total_steps} steps, device {self.device}")
         bar = None
@@ -406,16 +388,14 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         started, seen, records = time.time(), 0, []
         steps_file = open(self.out / "steps.jsonl", "a") if self.ctx.is_main else None
-        self.backbone.train()
-        if self.generator is not None:
-            self.generator.train()
+        self.train_step_fn.train()
         try:
             while self.step < self.total_steps:
                 if self.position + cfg.batch_size > self.sampler.pairs.epoch_length:
                     self.epoch, self.position = self.epoch + 1, 0
                 self.sampler.set_epoch(self.epoch, start=self.position)
-                for samples, refs, labels in self._loader():
-                    rec = self.train_step(samples, refs, labels)
+                for samples, references, labels in self._loader():
+                    rec = self.train_step(samples, references, labels)
                     self.position += cfg.batch_size
                     seen += samples.shape[0]
                     records.append(rec)
@@ -460,20 +440,19 @@ class Trainer:
                 "last_loss": records[-1].loss if records else None}
 
     def _report(self, rec: StepRecord, rate: float, writer, bar) -> None:
-        fill = self.head.queue.fill_ratio if isinstance(self.head, DynamicClassQueue) else None
+        extra = self.head.metrics()
         if writer is not None:
             writer.add_scalar("train/loss", rec.loss, rec.step)
             writer.add_scalar("train/head_accuracy", rec.accuracy, rec.step)
             writer.add_scalar("train/lr", rec.lr, rec.step)
             writer.add_scalar("train/samples_per_second", rate, rec.step)
-            if fill is not None:
-                writer.add_scalar("train/queue_fill", fill, rec.step)
+            for name, value in extra.items():
+                writer.add_scalar(f"train/{name}", value, rec.step)
         if bar is not None:
             bar.set_postfix(loss=f"{rec.loss:.3f}", acc=f"{rec.accuracy:.2f}", lr=f"{rec.lr:.3g}",
                             sps=f"{rate:.0f}")
-        extra = f" queue {fill:.0%}" if fill is not None else ""
         self.log(f"step {rec.step} epoch {rec.epoch} loss {rec.loss:.4f} acc {rec.accuracy:.3f} "
-                 f"lr {rec.lr:.4g} {rate:.0f} samples/s{extra}")
+                 f"lr {rec.lr:.4g} {rate:.0f} samples/s" + "".join(f" {k} {v:.3g}" for k, v in extra.items()))
 
 
 def _yaml_dump(values: dict) -> str:

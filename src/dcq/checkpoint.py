@@ -1,12 +1,16 @@
 """Checkpoints: one `torch.save`d dict, written atomically, loaded with `weights_only=True`.
 
+Model I/O, below both training and evaluation: `dcq.train` writes and resumes these files,
+`dcq.eval`, `dcq export` and the demo read them; neither side imports the other for it.
+
 Layout (all plain containers, tensors and scalars, so the restricted loader accepts it):
 
     format: "dcq-checkpoint", version: 1
     model: {backbone, embedding_size, image_size}
     feature_extractor: state_dict          weight_generator: state_dict | None (DCQ only)
     head, optimizer, scheduler: state_dicts (training checkpoints only)
-    step, epoch, sampler: {epoch, position}, rng: {...}, config: {...}
+    step, epoch, sampler: {epoch, position}, rng: {...}, config: {...} (TrainConfig keys; older
+                                              checkpoints may hold the old key names)
     threshold: float | None     (verification threshold of the last evaluation)
     identity_names: list[str] | None
     metrics: {...}              (last evaluation)
@@ -80,8 +84,12 @@ def build_eval_encoder(ckpt: dict[str, Any], prefer: str = "weight_generator") -
     return encoder, info
 
 
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The `step_<N>.pt` training checkpoints in `directory`, oldest (smallest N) first."""
+    return sorted(Path(directory).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest `step_*.pt` training checkpoint in `directory`, or None."""
-    directory = Path(directory)
-    found = sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    found = checkpoint_files(directory)
     return found[-1] if found else None
