@@ -19,15 +19,6 @@ from dcq.train.loop import Trainer, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    from dcq.data import synthesize
-
-    out = tmp_path_factory.mktemp("synth") / "tiny"
-    synthesize(out, profile="ms1m", identities=48, image_size=32, fmt="rec", seed=0, progress=False)
-    return out
-
-
 def tiny_config(data, out, **over):
     values = {
         "backbone": "cpunet", "embedding_size": 32, "image_size": 32, "batch_size": 32, "train_data": str(data),
