@@ -85,18 +85,14 @@ def ensure_dataset(args, say) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from dcq.data import read_bin
-    from dcq.data.transforms import decode_image
-    from dcq.eval import longtail_report, verify_pairs
-    from dcq.eval.embedding import embed_images, raw_pixel_embeddings
+    from dcq.eval import verify_pairs
+    from dcq.eval.embedding import raw_pixel_embeddings
     from dcq.eval.plots import plot_longtail, plot_roc
-    from dcq.eval.verification import roc_curve_points
-    from dcq.checkpoint import build_eval_encoder, load_checkpoint
-    from dcq.train.config import build_config
-    from dcq.train.loop import train
+    from dcq.eval.verification import cosine_scores, roc_curve_points
+    from dcq.experiment import train_and_evaluate
 
     if args.steps < 1:
         raise DcqError("--steps must be >= 1")
@@ -107,16 +103,14 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.time()
     data_dir = ensure_dataset(args, print)
     val_bin = data_dir / "val.bin"
-    images_bytes, issame = read_bin(val_bin)
+    images, issame = read_bin(val_bin)
     size = DEMO_DATA["image_size"]
-    images = np.stack([decode_image(b, size) for b in images_bytes])
 
     metrics: dict = {"dataset": str(data_dir)}
     curves = {}
-    raw = raw_pixel_embeddings(images)
+    raw = raw_pixel_embeddings(images, size)
     metrics["raw_pixels"] = verify_pairs(raw[0::2], raw[1::2], issame)
-    scores = np.sum(raw[0::2] * raw[1::2], axis=1)
-    curves["raw pixels"] = roc_curve_points(scores, issame)[:2]
+    curves["raw pixels"] = roc_curve_points(cosine_scores(raw[0::2], raw[1::2]), issame)[:2]
 
     heads = ["dcq", "fc", "pfc"] if args.compare else ["dcq"]
     longtail = {}
@@ -125,18 +119,13 @@ def run_demo(args: argparse.Namespace) -> int:
         settings = {**DEMO_TRAIN, **HEAD_SETTINGS[name], "train_data": str(data_dir), "max_steps": args.steps,
                     "eval_bins": [], "output": str(out / "runs" / name), "seed": args.seed,
                     "threads": args.threads}
-        cfg = build_config(settings, source="demo")
-        print(f"training {name} for {args.steps} steps (cpunet, {size}px, batch {cfg.batch_size}) ...")
-        summary = train(cfg)
+        print(f"training {name} for {args.steps} steps (cpunet, {size}px, batch {settings['batch_size']}) ...")
+        summary, ev = train_and_evaluate(settings, "demo", bins=[val_bin], dataset=data_dir)
         train_seconds[name] = summary["train_seconds"]
-        encoder, info = build_eval_encoder(load_checkpoint(summary["final"]))
-        emb = embed_images(encoder, images, batch_size=256, flip=True)
-        result = verify_pairs(emb[0::2], emb[1::2], issame)
-        metrics[name] = result
-        curves[name.upper() if name != "pfc" else "Partial FC"] = roc_curve_points(
-            np.sum(emb[0::2] * emb[1::2], axis=1), issame)[:2]
-        longtail[name] = longtail_report(encoder, data_dir, size)
-        metrics.setdefault("encoder", {})[name] = info["which"]
+        metrics[name] = ev.verification[val_bin.stem]
+        curves[name.upper() if name != "pfc" else "Partial FC"] = roc_curve_points(*ev.scores[val_bin.stem])[:2]
+        longtail[name] = ev.longtail
+        metrics.setdefault("encoder", {})[name] = ev.info["which"]
 
     metrics["train_seconds"] = train_seconds["dcq"]
     if args.compare:

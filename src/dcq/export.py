@@ -8,11 +8,10 @@ through PyTorch and onnxruntime and the export is refused if they differ by more
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
+from dcq.atomic import atomic_write
 from dcq.errors import DcqError
 
 
@@ -28,24 +27,17 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
 def export_onnx(encoder, image_size: int, out: Path, opset: int = 17) -> Path:
     import torch
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    def write(f) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                encoder.eval(), (torch.zeros(1, 3, image_size, image_size),), tmp,
+                encoder.eval(), (torch.zeros(1, 3, image_size, image_size),), f,
                 input_names=["images"], output_names=["embeddings"],
                 dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
                 opset_version=opset, dynamo=False,
             )
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+
+    return atomic_write(out, write)
 
 
 def check_against_onnxruntime(encoder, onnx_path: Path, image_size: int, batch: int = 4) -> float:
@@ -65,9 +57,9 @@ def check_against_onnxruntime(encoder, onnx_path: Path, image_size: int, batch: 
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dcq.checkpoint import build_eval_encoder, load_checkpoint
+    from dcq.eval.pipeline import load_encoder
 
-    encoder, info = build_eval_encoder(load_checkpoint(args.checkpoint), prefer=args.encoder)
+    encoder, info, _ = load_encoder(args.checkpoint, prefer=args.encoder)
     out = export_onnx(encoder, info["image_size"], Path(args.onnx), args.opset)
     diff = check_against_onnxruntime(encoder, out, info["image_size"])
     if not diff <= args.atol:

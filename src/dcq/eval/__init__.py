@@ -2,6 +2,7 @@
 
 - ``verify_pairs``: the ``dcq eval --json`` metrics of embedding pairs (``verification``).
 - ``embed_images`` / ``evaluate_bin``: flip-test embeddings and a verification ``.bin`` end to end.
+- ``evaluate_checkpoint``: a checkpoint file end to end (the pipeline of `dcq eval` and the demo).
 - ``identify``: rank-k against a gallery plus (up to millions of) distractors, in bounded memory.
 - ``longtail_report``: rank-1 and TAR@FAR per bucket of training images per identity.
 
@@ -18,6 +19,9 @@ _EXPORTS = {
     "verify_scores": "dcq.eval.verification",
     "roc_curve_points": "dcq.eval.verification",
     "embed_images": "dcq.eval.embedding",
+    "bin_scores": "dcq.eval.embedding",
+    "evaluate_checkpoint": "dcq.eval.pipeline",
+    "load_encoder": "dcq.eval.pipeline",
     "evaluate_bin": "dcq.eval.embedding",
     "raw_pixel_embeddings": "dcq.eval.embedding",
     "identify": "dcq.eval.identification",
@@ -27,9 +31,12 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "bin_scores",
     "embed_images",
     "evaluate_bin",
+    "evaluate_checkpoint",
     "identify",
+    "load_encoder",
     "longtail_metrics",
     "longtail_report",
     "match_ranks",
@@ -40,9 +47,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dcq.eval.embedding import embed_images, evaluate_bin, raw_pixel_embeddings
+    from dcq.eval.embedding import bin_scores, embed_images, evaluate_bin, raw_pixel_embeddings
     from dcq.eval.identification import identify, match_ranks
     from dcq.eval.longtail import longtail_metrics, longtail_report
+    from dcq.eval.pipeline import evaluate_checkpoint, load_encoder
     from dcq.eval.verification import roc_curve_points, verify_pairs, verify_scores
 
 

@@ -39,16 +39,18 @@ def _device(name: str):
     return dev
 
 
-def _encoder(args) -> tuple:
-    """(encoder, info, checkpoint dict, device) and the line saying which encoder is used."""
-    from dcq.checkpoint import build_eval_encoder, load_checkpoint
-
+def _checked_device(args):
     if args.batch_size < 1:
         raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = _device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    encoder, info = build_eval_encoder(ckpt)
-    encoder.to(device)
+    return _device(args.device)
+
+
+def _encoder(args) -> tuple:
+    """(encoder, info, checkpoint dict, device)."""
+    from dcq.eval.pipeline import load_encoder
+
+    device = _checked_device(args)
+    encoder, info, ckpt = load_encoder(args.checkpoint, device)
     return encoder, info, ckpt, device
 
 
@@ -111,37 +113,28 @@ def _set_names(bins: list[str]) -> list[str]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dcq.data.verification_bin import read_bin
-    from dcq.eval.embedding import embed_images
-    from dcq.eval.verification import cosine_scores, roc_curve_points, verify_scores
+    from dcq.eval.pipeline import evaluate_checkpoint
+    from dcq.eval.verification import roc_curve_points
 
     if not args.bin and not args.dataset:
         raise DcqError("nothing to evaluate: pass --bin FILE (verification pairs) and/or --dataset DIR")
     if args.distractors and not args.dataset:
         raise DcqError("--distractors needs --dataset DIR (its probe set is identified against them)")
-    names = _set_names(args.bin)
+    _set_names(args.bin)
     json_path = Path(args.json) if args.json else None
     if json_path is not None and json_path.is_dir():
         raise DcqError(f"--json {json_path} is a directory; give a file name such as metrics.json")
-    encoder, info, _, device = _encoder(args)
-    print(encoder_description(info))
-    flip = not args.no_flip
-    size = info["image_size"]
-    results, curves = {}, {}
-    for name, bin_path in zip(names, args.bin):
-        images, issame = read_bin(bin_path)
-        if len(issame) == 0:
-            raise DcqError(f"{bin_path}: holds no pairs")
-        emb = embed_images(encoder, images, batch_size=args.batch_size, flip=flip, device=device, image_size=size)
-        scores = cosine_scores(emb[0::2], emb[1::2])
-        results[name] = verify_scores(scores, issame, n_folds=args.folds)
-        if issame.any() and not issame.all():
-            curves[name] = roc_curve_points(scores, issame)[:2]
+    distractors = _load_distractors(args.distractors) if args.distractors else None
+    device = _checked_device(args)
+    ev = evaluate_checkpoint(args.checkpoint, args.bin, args.dataset, batch_size=args.batch_size, device=device,
+                             flip=not args.no_flip, n_folds=args.folds, progress=sys.stderr.isatty())
+    print(encoder_description(ev.info))
+    results = ev.verification
+    curves = {name: roc_curve_points(scores, issame)[:2] for name, (scores, issame) in ev.scores.items()
+              if issame.any() and not issame.all()}
     if results:
         print(verification_table(results))
-    extra = {}
-    if args.dataset:
-        extra = _dataset_eval(args, encoder, size, device, flip)
+    extra = _dataset_report(ev, distractors) if args.dataset else {}
     if json_path is not None:
         if results:
             _write_json(json_path, results)
@@ -157,30 +150,29 @@ def run_eval(args: argparse.Namespace) -> int:
         if curves:
             print(f"wrote {plot_roc(curves, out / 'roc.png')}")
         if extra.get("longtail"):
-            print(f"wrote {plot_longtail({info['which']: extra['longtail']['rows']}, out / 'longtail.png')}")
+            print(f"wrote {plot_longtail({ev.info['which']: extra['longtail']['rows']}, out / 'longtail.png')}")
     return 0
 
 
-def _dataset_eval(args, encoder, size, device, flip) -> dict:
-    """Long-tail buckets of the dataset's probe set, plus MegaFace-style identification of the same
-    probes against the identity centres and the distractors (one embedding pass for both)."""
+def _load_distractors(path):
     import numpy as np
 
-    from dcq.eval.identification import identify
-    from dcq.eval.longtail import embed_probe_gallery, longtail_report, rows_to_markdown
+    path = Path(path)
+    if not path.is_file():
+        raise DcqError(f"--distractors {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DcqError(f"--distractors {path}: not a .npy embedding array ({exc})") from None
 
-    distractors = None
-    if args.distractors:
-        path = Path(args.distractors)
-        if not path.is_file():
-            raise DcqError(f"--distractors {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
-        try:
-            distractors = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DcqError(f"--distractors {path}: not a .npy embedding array ({exc})") from None
-    gallery = embed_probe_gallery(encoder, args.dataset, size, device=device, batch_size=args.batch_size,
-                                  flip=flip, progress=sys.stderr.isatty())
-    report = longtail_report(encoder, args.dataset, gallery=gallery)
+
+def _dataset_report(ev, distractors) -> dict:
+    """Long-tail buckets of the dataset's probe set, plus MegaFace-style identification of the same
+    probes against the identity centres and the distractors (one embedding pass for both)."""
+    from dcq.eval.identification import identify
+    from dcq.eval.longtail import rows_to_markdown
+
+    report, gallery = ev.longtail, ev.gallery
     print(f"\nlong tail ({report['probes']} probes of {report['identities']} training identities; gallery = one "
           "centre per identity):")
     print(rows_to_markdown(report["rows"]))

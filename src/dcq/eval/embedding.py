@@ -15,7 +15,7 @@ from torch import nn
 
 from dcq.errors import DcqError
 
-__all__ = ["embed_images", "encoder_image_size", "evaluate_bin", "raw_pixel_embeddings"]
+__all__ = ["bin_scores", "embed_images", "encoder_image_size", "evaluate_bin", "raw_pixel_embeddings"]
 
 _BYTES = (bytes, bytearray, memoryview)
 
@@ -118,17 +118,26 @@ def embed_images(encoder: nn.Module, images, batch_size: int = 256, flip: bool =
     return out
 
 
-def evaluate_bin(encoder: nn.Module, bin_path, image_size: int, batch_size: int = 256,
-                 device: str | torch.device = "cpu", flip: bool = True, n_folds: int = 10) -> dict:
-    """``verify_pairs`` of a verification ``.bin`` (flip-test embeddings); the ``dcq eval --json`` keys."""
+def bin_scores(encoder: nn.Module, bin_path, image_size: int | None = None, batch_size: int = 256,
+               device: str | torch.device = "cpu", flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores of the pairs of a verification ``.bin`` (flip-test embeddings) and its issame flags."""
     from dcq.data.verification_bin import read_bin
-    from dcq.eval.verification import verify_pairs
+    from dcq.eval.verification import cosine_scores
 
     images, issame = read_bin(bin_path)
     if len(issame) == 0:
         raise DcqError(f"{bin_path}: holds no pairs")
     emb = embed_images(encoder, images, batch_size=batch_size, flip=flip, device=device, image_size=image_size)
-    return verify_pairs(emb[0::2], emb[1::2], issame, n_folds=n_folds)
+    return cosine_scores(emb[0::2], emb[1::2]), np.asarray(issame)
+
+
+def evaluate_bin(encoder: nn.Module, bin_path, image_size: int, batch_size: int = 256,
+                 device: str | torch.device = "cpu", flip: bool = True, n_folds: int = 10) -> dict:
+    """``verify_pairs`` of a verification ``.bin`` (flip-test embeddings); the ``dcq eval --json`` keys."""
+    from dcq.eval.verification import verify_scores
+
+    scores, issame = bin_scores(encoder, bin_path, image_size, batch_size, device, flip)
+    return verify_scores(scores, issame, n_folds=n_folds)
 
 
 def raw_pixel_embeddings(images, image_size: int | None = None) -> np.ndarray:
