@@ -64,6 +64,7 @@ from dcq.bench import (
     write_json,
 )
 from dcq.errors import DcqError
+from dcq.tables import text_table
 from dcq.train.step import TrainStep
 
 
@@ -326,12 +327,7 @@ def format_rows(rows: list[dict[str, Any]], batch: int) -> str:
         peak = r["peak_bytes"] if isinstance(r["peak_bytes"], str) else format_bytes(r["peak_bytes"])
         lines.append([name, f"{r['step_ms']:.1f}", f"{r['vs_backbone']:.3f}" if r["vs_backbone"] else "-",
                       f"{r['samples_per_s']:.0f}", format_bytes(r["resident_bytes"]), peak])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+    return text_table(header, lines, left=1)
 
 
 def profile(runners: dict) -> None:

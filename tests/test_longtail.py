@@ -113,6 +113,8 @@ def test_tied_centres_are_rank1_misses():
 
 
 def test_tar_helper_matches_sklearn_roc(rng):
+    from sklearn.metrics import roc_curve
+
     for rounding in (None, 1):
         gen = rng.normal(0.5, 0.2, 300)
         imp = rng.normal(0.0, 0.2, 4000)
@@ -121,7 +123,11 @@ def test_tar_helper_matches_sklearn_roc(rng):
         scores = np.concatenate([gen, imp])
         labels = np.concatenate([np.ones(300, bool), np.zeros(4000, bool)])
         fars = (1e-4, 3e-4, 1e-3, 1e-2, 1e-1, 0.5)
-        assert tar_at_far_from_scores(gen, imp, fars) == pytest.approx(tar_at_far(scores, labels, fars))
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)  # exact ROC, every threshold
+        want = [max(t for fa, t in zip(np.rint(fpr * 4000), tpr) if fa <= np.floor(f * 4000 + 1e-9))
+                if np.floor(f * 4000 + 1e-9) >= 1 else None for f in fars]
+        assert list(tar_at_far_from_scores(gen, imp, fars).values()) == pytest.approx(want)
+        assert tar_at_far(scores, labels, fars) == tar_at_far_from_scores(gen, imp, fars)
     assert tar_at_far_from_scores([0.5], [0.1, 0.2], (0.4, 1.0)) == {"4e-1": None, "1e0": 1.0}
 
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("dcq.eval.cli", "embeddings of images with a checkpoint"),
     "verify": ("dcq.eval.cli", "are two face images the same person?"),
     "export": ("dcq.export", "export a checkpoint's encoder to ONNX, checked against onnxruntime"),
-    "bench": ("dcq.bench", "benchmarks: head step time and memory against the number of identities"),
+    "bench": ("dcq.bench.cli", "benchmarks: head step time and memory against the number of identities"),
 }
 
 

@@ -148,14 +148,12 @@ def run_demo(args: argparse.Namespace) -> int:
 def summary_table(metrics: dict, heads: list[str]) -> str:
     names = {"raw_pixels": "raw pixels (no learning)", "dcq": "DCQ (weight generator)", "fc": "FC",
              "pfc": "Partial FC 0.1"}
-    lines = ["| model | accuracy | std | TAR@FAR=1e-2 | TAR@FAR=1e-1 |", "|---|---|---|---|---|"]
-    for key in ["raw_pixels", *heads]:
-        m = metrics[key]
-        tar = m["tar_at_far"]
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"| {names[key]} | {m['accuracy']:.4f} | {m['accuracy_std']:.4f} | "
-                     f"{fmt(tar.get('1e-2'))} | {fmt(tar.get('1e-1'))} |")
-    return "\n".join(lines)
+    from dcq.tables import fmt_metric, markdown_table
+
+    rows = ([names[key], fmt_metric(m["accuracy"]), fmt_metric(m["accuracy_std"]),
+             fmt_metric(m["tar_at_far"].get("1e-2")), fmt_metric(m["tar_at_far"].get("1e-1"))]
+            for key in ["raw_pixels", *heads] for m in [metrics[key]])
+    return markdown_table(["model", "accuracy", "std", "TAR@FAR=1e-2", "TAR@FAR=1e-1"], rows)
 
 
 def _report_markdown(metrics, heads, table, longtail) -> str:

@@ -13,12 +13,13 @@ import numpy as np
 
 from dcq.errors import DcqError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "open_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "is_image_file", "open_dataset"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
+    """An image by its extension (IMAGE_EXTENSIONS), not a hidden file."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -40,7 +41,7 @@ class ImageFolderDataset:
             dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
         for name in dirs:
             with os.scandir(os.path.join(self.root, name)) as it:
-                files = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+                files = sorted(e.name for e in it if e.is_file() and is_image_file(e.name))
             if not files:
                 continue
             label = len(names)
@@ -109,7 +110,7 @@ def _has_identity_folders(path: Path) -> bool:
             for e in it:
                 if e.is_dir() and not e.name.startswith("."):
                     with os.scandir(e.path) as inner:
-                        if any(f.is_file() and _is_image(f.name) for f in inner):
+                        if any(f.is_file() and is_image_file(f.name) for f in inner):
                             return True
     except OSError:
         return False

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dcq.atomic import atomic_write
 from dcq.errors import DcqError
+from dcq.tables import fmt_metric, markdown_table
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 TABLE_FARS = ("1e-4", "1e-3", "1e-2", "1e-1")
 
 
@@ -62,27 +62,17 @@ def encoder_description(info: dict) -> str:
     return f"encoder: {what}; {info.get('backbone')}, {info.get('embedding_size')}-d, {info.get('image_size')} px"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path`` and rename it into place."""
-    atomic_write(path, write)
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def verification_table(results: dict) -> str:
     head = ["set", "pairs", "accuracy", "std", "threshold"] + [f"TAR@FAR={k}" for k in TABLE_FARS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, r in results.items():
-        cells = [name, str(r["pairs"]), _fmt(r["accuracy"]), _fmt(r["accuracy_std"]), _fmt(r["threshold"])]
-        cells += [_fmt(r["tar_at_far"].get(k)) for k in TABLE_FARS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [name, str(r["pairs"])] + [fmt_metric(r[k]) for k in ("accuracy", "accuracy_std", "threshold")]
+        rows.append(cells + [fmt_metric(r["tar_at_far"].get(k)) for k in TABLE_FARS])
+    return markdown_table(head, rows)
 
 
 # --------------------------------------------------------------------------- dcq eval
@@ -182,7 +172,7 @@ def _dataset_report(ev, distractors) -> dict:
                           distractor_emb=distractors)
         print(f"\nidentification ({result['probes']} probes, {result['gallery']} identity centres + "
               f"{result['distractors']} distractors): " +
-              ", ".join(f"rank-{k} {_fmt(v)}" for k, v in result["rank"].items()))
+              ", ".join(f"rank-{k} {fmt_metric(v)}" for k, v in result["rank"].items()))
         out["identification"] = result
     return out
 
@@ -197,17 +187,19 @@ def configure_embed(parser: argparse.ArgumentParser) -> None:
 
 def collect_images(paths: list[str]) -> list[Path]:
     """Image files named directly, then those under each folder (recursive, sorted)."""
+    from dcq.data.folder import IMAGE_EXTENSIONS, is_image_file
+
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            found += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f.name)
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
             found.append(p)
         else:
             raise DcqError(f"{p}: no such image file or folder")
     if not found:
-        raise DcqError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(paths)}")
+        raise DcqError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {' '.join(paths)}")
     return found
 
 
@@ -236,8 +228,8 @@ def run_embed(args: argparse.Namespace) -> int:
             emb[start:start + len(batch)] = e
             bar.update(len(batch))
     names_path = out.with_suffix(".txt")
-    _atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
-    _atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
+    atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
+    atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
     print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {names_path}")
     return 0
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dcq.errors import DcqError
+from dcq.eval.verification import l2_normalise
 
 __all__ = ["identify", "match_ranks"]
 
@@ -35,12 +36,6 @@ def _as_2d(x, name: str) -> np.ndarray:
     if x.ndim != 2:
         raise DcqError(f"{name} must be a 2-D (n, d) embedding array, got shape {x.shape}")
     return x
-
-
-def _normalised(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float32)
-    norm = np.linalg.norm(rows, axis=1, keepdims=True)
-    return rows / np.maximum(norm, 1e-12)
 
 
 def match_ranks(probe_emb, probe_labels, gallery_emb, gallery_labels, distractor_emb=None,
@@ -71,23 +66,23 @@ def match_ranks(probe_emb, probe_labels, gallery_emb, gallery_labels, distractor
     block = max(1, min(n, _BLOCK_FLOATS // chunk_size))
     ranks = np.empty(n, dtype=np.int64)
     for p0 in range(0, n, block):
-        p = _normalised(probes[p0:p0 + block])
+        p = l2_normalise(probes[p0:p0 + block])
         lab = p_lab[p0:p0 + block]
         # pass 1: true match score = best score against the probe's own identity
         best = np.full(len(p), -np.inf, dtype=np.float32)
         for g0 in range(0, len(gallery), chunk_size):
-            s = p @ _normalised(gallery[g0:g0 + chunk_size]).T
+            s = p @ l2_normalise(gallery[g0:g0 + chunk_size]).T
             same = lab[:, None] == g_lab[None, g0:g0 + chunk_size]
             np.maximum(best, np.where(same, s, -np.inf).max(axis=1), out=best)
         # pass 2: count other-identity gallery items and distractors scoring >= it
         above = np.zeros(len(p), dtype=np.int64)
         for g0 in range(0, len(gallery), chunk_size):
-            s = p @ _normalised(gallery[g0:g0 + chunk_size]).T
+            s = p @ l2_normalise(gallery[g0:g0 + chunk_size]).T
             other = lab[:, None] != g_lab[None, g0:g0 + chunk_size]
             above += np.count_nonzero((s >= best[:, None]) & other, axis=1)
         if distractors is not None:
             for d0 in range(0, len(distractors), chunk_size):
-                s = p @ _normalised(distractors[d0:d0 + chunk_size]).T
+                s = p @ l2_normalise(distractors[d0:d0 + chunk_size]).T
                 above += np.count_nonzero(s >= best[:, None], axis=1)
         ranks[p0:p0 + block] = above + 1
     return ranks

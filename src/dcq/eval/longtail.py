@@ -22,7 +22,6 @@ every probe.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from dcq.errors import DcqError
 from dcq.eval.identification import match_ranks
-from dcq.eval.verification import far_key
+from dcq.eval.verification import l2_normalise, tar_at_far_from_scores
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -76,47 +75,16 @@ def _check_buckets(buckets) -> list[tuple[int, int | None]]:
     return out
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def identity_centres(train_emb, train_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centres (G, d) float32, their labels (G,), image counts (G,)) for every label present."""
-    emb = _normalise(train_emb)
+    emb = l2_normalise(train_emb)
     labels = np.asarray(train_labels).reshape(-1).astype(np.int64)
     if len(labels) != len(emb):
         raise DcqError(f"{len(emb)} training embeddings but {len(labels)} labels")
     uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
     sums = np.zeros((len(uniq), emb.shape[1]), dtype=np.float64)
     np.add.at(sums, inv, emb)
-    return _normalise(sums), uniq, counts
-
-
-def tar_at_far_from_scores(genuine, impostor, far_targets: Sequence[float] = LONGTAIL_FAR_TARGETS
-                           ) -> dict[str, float | None]:
-    """Exact TAR at each FAR from separate genuine / impostor scores ("same" iff score >= threshold).
-
-    With a = floor(FAR x impostors) allowed false accepts, the best threshold lies just above the
-    (a+1)-th highest impostor score v, so TAR = fraction of genuine scores > v (found with a
-    partial sort, so large impostor sets are cheap). Same definition as `verification.tar_at_far`.
-    """
-    gen = np.asarray(genuine, dtype=np.float64).reshape(-1)
-    imp = np.asarray(impostor, dtype=np.float64).reshape(-1)
-    out: dict[str, float | None] = {far_key(f): None for f in far_targets}
-    if gen.size == 0 or imp.size == 0:
-        return out
-    for f in far_targets:
-        allowed = math.floor(float(f) * imp.size + 1e-9)
-        if allowed < 1:
-            continue
-        if allowed >= imp.size:
-            out[far_key(f)] = 1.0
-            continue
-        k = imp.size - allowed - 1  # index of the (allowed+1)-th largest in ascending order
-        v = np.partition(imp, k)[k]
-        out[far_key(f)] = float(np.mean(gen > v))
-    return out
+    return l2_normalise(sums), uniq, counts
 
 
 def _impostor_scores(probes: np.ndarray, probe_labels: np.ndarray, centres: np.ndarray,
@@ -147,9 +115,9 @@ def longtail_metrics(centres, centre_labels, probe_emb, probe_labels, probe_coun
     ``centre_counts`` (optional) = training images per centre, for the ``identities`` column.
     """
     buckets = _check_buckets(buckets)
-    centres = _normalise(centres)
+    centres = l2_normalise(centres)
     c_lab = np.asarray(centre_labels).reshape(-1).astype(np.int64)
-    probes = _normalise(probe_emb)
+    probes = l2_normalise(probe_emb)
     p_lab = np.asarray(probe_labels).reshape(-1).astype(np.int64)
     p_cnt = np.asarray(probe_counts).reshape(-1).astype(np.int64)
     if not (len(probes) == len(p_lab) == len(p_cnt)):
@@ -274,7 +242,7 @@ def embed_probe_gallery(encoder, dataset_dir, image_size: int | None = None, dev
     finally:
         if bar is not None:
             bar.close()
-    return ProbeGallery(centres=_normalise(sums.numpy()[present]), centre_labels=present,
+    return ProbeGallery(centres=l2_normalise(sums.numpy()[present]), centre_labels=present,
                         centre_counts=counts[present], probe_emb=probe_emb, probe_labels=p_lab,
                         probe_counts=counts[p_lab], train_images=len(labels))
 
@@ -303,15 +271,9 @@ def rows_to_markdown(rows: list[dict]) -> str:
     """The long-tail rows as a markdown table (rank-1 and each TAR@FAR; n/a where not measurable)."""
     if not rows:
         return ""
+    from dcq.tables import fmt_metric, markdown_table
+
     fars = list(rows[0]["tar_at_far"])
-
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
     head = ["training images / identity", "identities", "probes", "rank-1"] + [f"TAR@FAR={k}" for k in fars]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["bucket"], str(r["identities"]), str(r["probes"]), fmt(r["rank1"])]
-        cells += [fmt(r["tar_at_far"].get(k)) for k in fars]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(head, ([r["bucket"], str(r["identities"]), str(r["probes"]), fmt_metric(r["rank1"])]
+                                 + [fmt_metric(r["tar_at_far"].get(k)) for k in fars] for r in rows))

@@ -65,9 +65,10 @@ def _as_numpy(x, name: str) -> np.ndarray:
     return arr
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+def l2_normalise(x, dtype=np.float32) -> np.ndarray:
+    """Rows of `x` (as `dtype`) divided by their L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, dtype=dtype)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def cosine_scores(emb1, emb2) -> np.ndarray:
@@ -76,7 +77,7 @@ def cosine_scores(emb1, emb2) -> np.ndarray:
     b = _as_numpy(emb2, "emb2").astype(np.float64)
     if a.ndim != 2 or a.shape != b.shape:
         raise DcqError(f"emb1 and emb2 must both be (P, d) arrays of one shape, got {a.shape} and {b.shape}")
-    return np.sum(_l2_normalise(a) * _l2_normalise(b), axis=1)
+    return np.sum(l2_normalise(a, np.float64) * l2_normalise(b, np.float64), axis=1)
 
 
 def _check_scores(scores, issame) -> tuple[np.ndarray, np.ndarray]:
@@ -122,23 +123,38 @@ def _fold_slices(n: int, n_folds: int) -> list[np.ndarray]:
 
 
 def tar_at_far(scores, issame, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict[str, float | None]:
-    """{"1e-3": TAR, ...}: best TAR with empirical FAR <= target, from sklearn's exact ROC.
+    """{"1e-3": TAR, ...}: best TAR with empirical FAR <= target over all thresholds.
 
     ``None`` when the target is below 1/negatives (not measurable) or a class is empty.
     """
     s, y = _check_scores(scores, issame)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return tar_at_far_from_scores(s[y], s[~y], far_targets)
+
+
+def tar_at_far_from_scores(genuine, impostor, far_targets: Sequence[float] = DEFAULT_FAR_TARGETS
+                           ) -> dict[str, float | None]:
+    """Exact TAR at each FAR from separate genuine / impostor scores ("same" iff score >= threshold).
+
+    With a = floor(FAR x impostors) allowed false accepts, the best threshold lies just above the
+    (a+1)-th highest impostor score v, so TAR = fraction of genuine scores > v (found with a
+    partial sort, so large impostor sets are cheap). Any lower threshold accepts more than a
+    impostors; this is the best point of the exact ROC curve with at most a false accepts.
+    """
+    gen = np.asarray(genuine, dtype=np.float64).reshape(-1)
+    imp = np.asarray(impostor, dtype=np.float64).reshape(-1)
     out: dict[str, float | None] = {far_key(f): None for f in far_targets}
-    if n_pos == 0 or n_neg == 0:
+    if gen.size == 0 or imp.size == 0:
         return out
-    fpr, tpr, _ = roc_curve_points(s, y)
-    false_accepts = np.rint(fpr * n_neg)
     for f in far_targets:
-        allowed = math.floor(float(f) * n_neg + 1e-9)
+        allowed = math.floor(float(f) * imp.size + 1e-9)
         if allowed < 1:
             continue
-        ok = false_accepts <= allowed
-        out[far_key(f)] = float(tpr[ok].max())  # the first ROC point (threshold=inf, 0, 0) is always ok
+        if allowed >= imp.size:
+            out[far_key(f)] = 1.0
+            continue
+        k = imp.size - allowed - 1  # index of the (allowed+1)-th largest in ascending order
+        v = np.partition(imp, k)[k]
+        out[far_key(f)] = float(np.mean(gen > v))
     return out
 
 
