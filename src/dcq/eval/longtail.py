@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcq.data.profiles import bucket_name
 from dcq.errors import DcqError
 from dcq.eval.identification import match_ranks
 from dcq.eval.verification import l2_normalise, tar_at_far_from_scores
@@ -50,12 +51,6 @@ DEFAULT_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 2), (3, 9), (10, 49),
 LONGTAIL_FAR_TARGETS = (1e-4, 1e-3, 1e-2, 1e-1)
 MAX_IMPOSTOR_PAIRS = 20_000_000
 _PROBE_BLOCK = 1024
-
-
-def bucket_name(lo: int, hi: int | None) -> str:
-    if hi is None:
-        return f"{lo}+"
-    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _check_buckets(buckets) -> list[tuple[int, int | None]]:
