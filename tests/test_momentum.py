@@ -51,13 +51,23 @@ def test_keys_use_train_mode_batch_stats():
 
 
 def test_bn_splits_restores_order():
+    """Train mode (as keys are computed): each shuffled group is normalised with its own batch
+    statistics, and every output row is restored to its input's position."""
     torch.manual_seed(0)
     backbone = get_backbone("cpunet", embedding_size=8, image_size=16)
     gen = MomentumEncoder(backbone, bn_splits=2)
-    gen.eval()  # eval: BN uses running stats, so split/shuffle must not change anything
+    gen.train()
     x = torch.randn(8, 3, 16, 16)
-    plain = gen.encoder(x)
-    assert torch.allclose(gen(x), plain, atol=1e-5)
+    torch.manual_seed(1)
+    out = gen(x)
+    torch.manual_seed(1)
+    perm = torch.randperm(8)
+    with torch.no_grad():
+        expected = torch.empty_like(out)
+        expected[perm] = torch.cat([gen.encoder(chunk) for chunk in x[perm].chunk(2)])
+        plain = gen.encoder(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-3)  # the split changes the statistics: it is not ignored
 
 
 def test_momentum_one_freezes_and_zero_copies():

@@ -39,6 +39,27 @@ def test_sample_rate_one_trains_like_full_fc(rng):
     assert torch.allclose(fc.weight.detach(), pfc.weight, atol=1e-5)
 
 
+def test_no_binding_needed_and_two_heads_stay_apart(rng):
+    """The head finds the optimiser holding its sub_weight by itself; another head's optimiser
+    stepping does not touch it."""
+    torch.manual_seed(0)
+    a, b = PartialFC(6, 40, sample_rate=0.25, seed=1), PartialFC(6, 40, sample_rate=0.25, seed=1)
+    b.weight.copy_(a.weight)
+    bound = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    a.bind_optimizer(bound)  # a check only
+    free = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    other = PartialFC(6, 40, sample_rate=0.25)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    for _ in range(3):
+        emb = torch.tensor(rng.normal(size=(5, 6)), dtype=torch.float32)
+        labels = torch.tensor(rng.integers(0, 40, 5))
+        for head, opt in ((a, bound), (b, free), (other, other_opt)):
+            opt.zero_grad()
+            head(emb, labels).loss.backward()
+            opt.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.state_momentum_buffer, b.state_momentum_buffer)
+
+
 def test_positives_always_sampled_and_targets_remapped():
     pfc = PartialFC(4, 1000, sample_rate=0.05, seed=3)
     labels = torch.tensor([5, 999, 5, 321, 0])
@@ -54,7 +75,7 @@ def test_only_sampled_rows_change_including_momentum(rng):
     pfc = PartialFC(4, 200, sample_rate=0.1, seed=1)
     opt = torch.optim.SGD(pfc.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
     pfc.bind_optimizer(opt)
-    seen = set()
+    sampled, momentum_after = [], []
     for step in range(3):
         before_w = pfc.weight.clone()
         before_m = pfc.state_momentum_buffer.clone() if hasattr(pfc, "state_momentum_buffer") else None
@@ -71,9 +92,13 @@ def test_only_sampled_rows_change_including_momentum(rng):
         if before_m is not None:
             m_changed = (pfc.state_momentum_buffer != before_m).any(dim=1)
             assert not m_changed[not_sampled].any(), "momentum of an unsampled row changed"
-        seen.update(index.tolist())
-    # momentum of a row sampled at step 0 but not at step 2 was kept, not reset
-    assert pfc.state_momentum_buffer.abs().sum() > 0
+        sampled.append(set(index.tolist()))
+        momentum_after.append(pfc.state_momentum_buffer.clone())
+    # momentum of a row sampled at step 0 but never again was kept, not reset
+    kept = sorted(sampled[0] - sampled[1] - sampled[2])
+    assert kept
+    assert torch.equal(pfc.state_momentum_buffer[kept], momentum_after[0][kept])
+    assert (pfc.state_momentum_buffer[kept].abs().sum(dim=1) > 0).all()
 
 
 def test_momentum_state_matches_manual_sgd(rng):
