@@ -12,7 +12,8 @@ statistics could leak which item is which. MoCo breaks that by shuffling the key
 before BN and unshuffling after. With one process, `bn_splits=G` does the single-process
 equivalent: the batch is permuted and split into G groups, each normalised with its own statistics,
 then restored to the original order (G=1, the default, is plain BN over the whole batch).
-Multi-process training shuffles across ranks instead (see `dcq.distributed`).
+Under torchrun each rank computes the keys of its own share of the batch with that share's
+statistics (no cross-rank shuffle).
 """
 
 from __future__ import annotations

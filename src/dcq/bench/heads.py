@@ -59,10 +59,10 @@ def estimate_head_bytes(case: HeadCase, batch: int, dim: int) -> tuple[int, int]
 
     The state is exact. The transient part was fitted to `LiveTensorTracker` measurements on CPU
     (B = batch, C = columns of the logits, d = dim, 4-byte floats) and is given 20% head-room:
-    FC / Partial FC peak either in the forward (about four B x C logit-sized tensors + one
-    normalised copy of the C x d weights) or in the backward + optimiser step (one B x C + about
-    four C x d: normalised weights, their gradient, the normalisation's backward, the weight-decay
-    term); DCQ holds about 4.5 B x C (logits, masks) plus the queue's copy made by the enqueue.
+    FC / Partial FC peak either in the forward (about four B x C logit-sized tensors + one C x d
+    term) or in the backward + optimiser step (one B x C + about four C x d: the weight gradient
+    and the optimiser's temporaries such as the weight-decay term); DCQ holds about 4.5 B x C
+    (logits, masks) plus the queue's copy made by the enqueue.
     """
     f = FLOAT_BYTES
     if case.head == "fc":

@@ -10,9 +10,8 @@ held-out probe images of those training identities are recognised:
 - rank-1: a probe is a hit when its own identity's centre scores strictly higher than every other
   centre (ties count as misses; `dcq.eval.identification.match_ranks`);
 - TAR@FAR: genuine scores = probe vs its own centre, impostor scores = probe vs every other
-  centre, pooled over the probes of the bucket; TAR is the highest genuine accept rate of a
-  threshold accepting at most ``floor(FAR x impostors)`` impostor scores, ``None`` when that is
-  zero (FAR below 1/impostors, not measurable) or the bucket has no probes. When a bucket has more
+  centre, pooled over the probes of the bucket; TAR@FAR as for verification
+  (`dcq.eval.verification.tar_at_far_from_scores`, defined in docs/evaluation.md). When a bucket has more
   than ``max_impostor_pairs`` impostor pairs, its impostors are a fixed random subset of centres
   (seeded, the same for every probe of the bucket) and the row says ``impostors_sampled: true``.
 

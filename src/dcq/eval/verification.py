@@ -1,24 +1,8 @@
 """Pair verification: the standard 10-fold accuracy protocol and TAR at fixed FAR.
 
-Protocol (what ``dcq eval --json`` reports):
-
-- similarity = cosine of the two L2-normalised embeddings; a pair is called "same" when
-  ``similarity >= threshold``;
-- the P pairs are split into ``n_folds`` contiguous folds in file order (LFW's official splits
-  are laid out that way; fold sizes as ``np.array_split``); for each fold the threshold is chosen
-  on the other folds and accuracy is measured on it;
-- the threshold sweep is exact: every distinct classifier on the training folds is tried (one per
-  distinct training score, plus "accept nothing"). Among thresholds with equal training accuracy
-  the *highest* one wins (fewest false accepts; insightface's sweep over ascending distances
-  breaks ties the same way). The reported fold threshold is the midpoint between the lowest
-  accepted and the highest rejected training score; at the ends it is the adjacent float below
-  the lowest score ("accept all") or above the highest ("accept none");
-- ``accuracy`` is the mean of the fold accuracies, ``accuracy_std`` their population standard
-  deviation (``np.std``, as insightface reports), ``threshold`` the mean of the fold thresholds;
-- ``tar_at_far`` is computed on all pairs at once: the highest true-accept rate of any threshold
-  whose empirical false-accept rate is <= the target. A target below ``1 / negatives`` cannot be
-  measured with that many impostor pairs and is ``None`` (JSON null), as is every target when
-  there are no positive or no negative pairs.
+The protocol (what ``dcq eval --json`` reports: similarity, contiguous folds, the exact threshold
+sweep and its tie-breaking, accuracy / std / threshold, TAR@FAR and when it is ``None``) is defined
+once, in ``docs/evaluation.md`` ("Verification"); this module implements that text.
 """
 
 from __future__ import annotations

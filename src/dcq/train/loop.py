@@ -45,7 +45,7 @@ class TrainingDiverged(DcqError):
 
 # -- data plumbing ----------------------------------------------------------------------------------
 class _PositionedSampler(Sampler):
-    """Wraps PairSampler: yields (sample, refs, item_seed) from a start position within the epoch."""
+    """Wraps PairSampler: yields (sample, references, item_seed) from a start position within the epoch."""
 
     def __init__(self, pair_sampler, seed: int):
         self.pairs = pair_sampler
@@ -62,8 +62,8 @@ class _PositionedSampler(Sampler):
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-        for offset, (sample, refs) in enumerate(self.pairs):
-            yield sample, tuple(refs), (base + self.start + offset) % (2**63 - 1)
+        for offset, (sample, references) in enumerate(self.pairs):
+            yield sample, tuple(references), (base + self.start + offset) % (2**63 - 1)
 
 
 class _SeededItems(Dataset):
@@ -76,10 +76,10 @@ class _SeededItems(Dataset):
         return len(self.inner)
 
     def __getitem__(self, item):
-        sample, refs, item_seed = item
+        sample, references, item_seed = item
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
             torch.manual_seed(item_seed)
-            return self.inner[(sample, refs)]
+            return self.inner[(sample, references)]
 
 
 # -- construction -----------------------------------------------------------------------------------
