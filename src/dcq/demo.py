@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from dcq.atomic import atomic_write
 from dcq.errors import DcqError
 
 # The demo's data and training budget: tuned so that a 2-core CPU trains to >= 90% verification
@@ -137,7 +138,8 @@ def run_demo(args: argparse.Namespace) -> int:
     plot_roc(curves, out / "roc.png")
     plot_longtail({k: v["rows"] for k, v in longtail.items()}, out / "longtail.png")
     table = summary_table(metrics, heads)
-    (out / "report.md").write_text(_report_markdown(metrics, heads, table, longtail))
+    report = _report_markdown(metrics, heads, table, longtail)
+    atomic_write(out / "report.md", lambda f: f.write(report.encode()))
     print()
     print(table)
     print(f"\nreport: {out}/report.md  metrics: {out}/metrics.json  TensorBoard: tensorboard --logdir {out}/runs")
@@ -175,6 +177,4 @@ def _report_markdown(metrics, heads, table, longtail) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from dcq.atomic import atomic_write
-
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=float).encode()))
