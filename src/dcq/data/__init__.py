@@ -12,8 +12,9 @@ it uses.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dcq.lazy import lazy_attributes
 
 _EXPORTS = {
     "FaceRecordIO": "dcq.data.recordio",
@@ -73,14 +74,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dcq.data.verification_bin import read_bin, write_bin
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dcq.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

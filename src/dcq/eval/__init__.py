@@ -11,8 +11,9 @@ Names load lazily, so ``import dcq.eval`` pulls in neither scikit-learn nor matp
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dcq.lazy import lazy_attributes
 
 _EXPORTS = {
     "verify_pairs": "dcq.eval.verification",
@@ -54,14 +55,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from dcq.eval.verification import roc_curve_points, verify_pairs, verify_scores
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dcq.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
