@@ -24,7 +24,7 @@ import numpy as np
 
 from dcq.errors import DcqError
 
-__all__ = ["LabelGroups", "index_dtype"]
+__all__ = ["LabelGroups", "index_dtype", "narrow_int"]
 
 _CHUNK = 1 << 24
 
@@ -34,10 +34,11 @@ def index_dtype(n: int) -> np.dtype:
     return np.dtype(np.int32) if n < 2**31 else np.dtype(np.int64)
 
 
-def _narrow(values: np.ndarray) -> np.ndarray:
-    if values.size and np.iinfo(np.int32).min <= values.min() and values.max() <= np.iinfo(np.int32).max:
+def narrow_int(values: np.ndarray) -> np.ndarray:
+    """int32 when every value fits, else int64 (no copy when the dtype is already that)."""
+    if values.size == 0 or (np.iinfo(np.int32).min <= values.min() and values.max() <= np.iinfo(np.int32).max):
         return values.astype(np.int32, copy=False)
-    return values
+    return values.astype(np.int64, copy=False)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LabelGroups:
             pieces.append((np.flatnonzero(seg[1:] != seg[:-1]) + (lo + 1)).astype(idx))
         pieces.append(np.array([n], dtype=idx))
         starts = np.concatenate(pieces)
-        values = _narrow(np.asarray(sorted_labels[starts[:-1]]))
+        values = narrow_int(np.asarray(sorted_labels[starts[:-1]]))
         if values[0] == 0 and values[-1] == values.size - 1:  # unique and sorted, so 0..V-1 exactly
             values = None
         return cls(labels=labels, starts=starts, order=order, values=values)
