@@ -155,7 +155,7 @@ class RecordIOWriter:
         self.close()
 
 
-def read_index(idx_path, rec_size: int | None = None, *, block: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+def read_index(idx_path, rec_size: int | None = None, *, block: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
     """Parse ``key<TAB>offset`` lines into two int64 arrays (file order).
 
     Vectorised and streamed: the file is read in ``block``-byte pieces cut at line ends, each parsed
@@ -378,7 +378,6 @@ class RecordReader:
         fd = self._file()
         ascending = n < 2 or bool(np.all(offsets[1:] >= offsets[:-1]))
         order = None if ascending else np.argsort(offsets, kind="stable")
-        cols = np.arange(need, dtype=np.int64)
         for lo in range(0, n, 1 << 20):
             seg = offsets[lo:lo + (1 << 20)] if order is None else offsets[order[lo:lo + (1 << 20)]]
             dest = np.arange(lo, lo + seg.size) if order is None else order[lo:lo + seg.size]
@@ -395,7 +394,8 @@ class RecordReader:
                     stop = max(stop, a + 1)
                     end = int(seg[stop - 1]) + need
                     buf = np.frombuffer(os.pread(fd, end - start, start).ljust(end - start, b"\0"), np.uint8)
-                    raw[dest[a:stop]] = buf[(seg[a:stop] - start)[:, None] + cols]
+                    windows = np.lib.stride_tricks.sliding_window_view(buf, need)  # a view, no copy
+                    raw[dest[a:stop]] = windows[seg[a:stop] - start]
                     a = stop
             if singles:
                 blob = b"".join(os.pread(fd, need, o).ljust(need, b"\0") for o in seg[singles].tolist())
