@@ -59,6 +59,19 @@ def test_cache_is_written_once_and_memory_mapped_back(rec, monkeypatch):
     assert list(a) == list(b)
 
 
+def test_pickles_memory_maps_by_file_name(rec):
+    import pickle
+
+    ds = FaceRecordIO(rec, cache=True)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 3000  # file names, not the arrays
+    clone = pickle.loads(blob)
+    assert isinstance(clone.labels, np.memmap) and clone.groups.labels is clone.labels
+    _same(ds, clone)
+    plain = pickle.loads(pickle.dumps(FaceRecordIO(rec, cache=False)))  # in-memory arrays travel whole
+    _same(ds, plain)
+
+
 def test_small_sets_are_not_cached_by_default(rec):
     FaceRecordIO(rec)
     assert sorted(os.listdir(rec.parent)) == ["train.idx", "train.rec"]
@@ -67,8 +80,9 @@ def test_small_sets_are_not_cached_by_default(rec):
 @pytest.mark.parametrize("damage", ["touch_idx", "rewrite_rec", "flip_byte", "truncate", "bad_json", "version",
                                     "missing_array", "params"])
 def test_stale_or_corrupt_cache_is_rebuilt_never_used(rec, monkeypatch, caplog, damage):
+    good = FaceRecordIO(rec, cache=False)  # in memory: not affected by damage done to the cache files
     builds = _Builds(monkeypatch)
-    good = FaceRecordIO(rec, cache=True)
+    FaceRecordIO(rec, cache=True)
     folder = rec.parent / ".dcq-index" / "train.rec"
     labels_npy = folder / "labels.npy"
     relabel = True

@@ -122,13 +122,14 @@ class FaceRecordIO:
         loaded = self.index_cache.load() if cache else None
         if loaded is None:
             info, arrays = _IndexBuilder(self, relabel).build()
-            if cache:
-                self.index_cache.save(info, arrays)
+            if cache and self.index_cache.save(info, arrays) is not None:
+                info, arrays = self.index_cache.load() or (info, arrays)  # mapped: RSS only for pages used
         else:
             info, arrays = loaded
         self._apply(info, arrays)
 
     def _apply(self, info: dict, arrays: dict) -> None:
+        self._info, self._arrays = info, arrays
         self.header0 = tuple(info["header0"]) if info["header0"] is not None else None
         self.num_identities = int(info["num_identities"])
         self.offsets = arrays["offsets"]
@@ -138,6 +139,23 @@ class FaceRecordIO:
         self.identity_ranges = arrays.get("identity_ranges")
         self.groups = LabelGroups(labels=self.labels, starts=arrays["starts"], order=arrays.get("order"),
                                   values=arrays.get("values"), drawable=arrays.get("drawable"))
+
+    def __getstate__(self):
+        """Cache-backed arrays travel as file names (a spawned DataLoader worker maps them again)."""
+        derived = {"header0", "num_identities", "offsets", "labels", "_keys", "label_values", "identity_ranges",
+                   "groups", "_info", "_arrays"}
+        state = {k: v for k, v in self.__dict__.items() if k not in derived}
+        state["_info"] = self._info
+        state["_arrays"] = {name: ("mmap", a.filename) if isinstance(a, np.memmap) and a.filename else a
+                            for name, a in self._arrays.items()}
+        return state
+
+    def __setstate__(self, state):
+        arrays = {name: np.load(a[1], mmap_mode="r", allow_pickle=False) if isinstance(a, tuple) else a
+                  for name, a in state.pop("_arrays").items()}
+        info = state.pop("_info")
+        self.__dict__.update(state)
+        self._apply(info, arrays)
 
     # ------------------------------------------------------------------ derived attributes
     @property
