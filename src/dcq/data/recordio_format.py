@@ -189,6 +189,7 @@ def read_index(idx_path, rec_size: int | None = None, *, block: int = 1 << 24) -
                     _raise_bad_index_line(idx_path, body, line_base, byte_base)
                 keys[n:n + lines] = nums[0::2]
                 offsets[n:n + lines] = nums[1::2]
+                _check_offsets(idx_path, keys[n:n + lines], offsets[n:n + lines], n, rec_size)
                 n += lines
             if pending_blank is None and body[len(stripped):].count(b"\n") > (1 if stripped else 0):
                 pending_blank = (line_base + lines + 1, byte_base + len(stripped) + (1 if stripped else 0))
@@ -197,18 +198,22 @@ def read_index(idx_path, rec_size: int | None = None, *, block: int = 1 << 24) -
             if not chunk:
                 break
     keys, offsets = keys[:n], offsets[:n]
-    bad = np.flatnonzero((offsets < 0) | (offsets % 4 != 0) | (keys < 0))
-    if rec_size is not None:
-        bad = np.union1d(bad, np.flatnonzero(offsets >= rec_size))
-    if bad.size:
-        i = int(bad[0])
-        raise DcqError(
-            f"{idx_path}: line {i + 1} has key {keys[i]} at byte offset {offsets[i]}, which cannot start a "
-            f"record{'' if rec_size is None else f' of a {rec_size}-byte .rec'}; the .idx does not belong to "
-            f"this .rec — {_REBUILD}"
-        )
     _check_unique_keys(idx_path, keys)
     return keys, offsets
+
+
+def _check_offsets(idx_path: str, keys: np.ndarray, offsets: np.ndarray, first_line: int, rec_size) -> None:
+    """Offsets must be 4-byte aligned and inside the .rec, keys non-negative (one block at a time)."""
+    bad = (offsets < 0) | (offsets & 3 != 0) | (keys < 0)
+    if rec_size is not None:
+        bad |= offsets >= rec_size
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise DcqError(
+            f"{idx_path}: line {first_line + j + 1} has key {keys[j]} at byte offset {offsets[j]}, which cannot "
+            f"start a record{'' if rec_size is None else f' of a {rec_size}-byte .rec'}; the .idx does not "
+            f"belong to this .rec — {_REBUILD}"
+        )
 
 
 def _count_lines(path: str, block: int) -> int:
