@@ -221,3 +221,117 @@ def test_last_identity_with_a_single_image(mode, k):
             assert all(labels[r] == labels[sample] for r in refs)
             if labels[sample] == 2:
                 assert tuple(refs) == (sample,) * k
+
+
+# ----------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1023, 1024, 1025, 4099])
+def test_keyed_permutation_is_a_bijection(n):
+    from dcq.data.keyed import KeyedPermutation
+
+    for key in (0, 1, 2**63 + 5):
+        out = KeyedPermutation(n, key)(np.arange(n))
+        assert sorted(out.tolist()) == list(range(n))
+    if n >= 100:  # keys give different orders, and not the identity
+        a, b = KeyedPermutation(n, 1)(np.arange(n)), KeyedPermutation(n, 2)(np.arange(n))
+        assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(n))
+
+
+@pytest.mark.parametrize("mode", ["image", "identity"])
+@pytest.mark.parametrize("ws", [1, 2, 3, 8])
+def test_rank_shares_cover_the_image_epoch_exactly_once(mode, ws):
+    labels = _skewed_labels()  # 465 images
+    n = labels.size
+    shares = []
+    for rank in range(ws):
+        s = PairSampler(labels, mode=mode, seed=4, rank=rank, world_size=ws, chunk_size=7)
+        s.set_epoch(2)
+        shares.append(list(s))
+    full = PairSampler(labels, mode=mode, seed=4)
+    full.set_epoch(2)
+    whole = list(full)
+    merged = [shares[r][i] for i in range(len(shares[0])) for r in range(ws)]
+    assert merged[:n] == whole  # the ranks' items interleave back into the one-process epoch
+    if mode == "image":
+        assert sorted(s for s, _ in merged[:n]) == list(range(n))  # every image exactly once
+
+
+@pytest.mark.parametrize("mode", ["image", "identity"])
+def test_chunk_size_does_not_change_the_epoch(mode):
+    labels = _skewed_labels()
+    runs = []
+    for chunk in (1, 7, 64, 1 << 16):
+        s = PairSampler(labels, mode=mode, num_references=2, seed=9, rank=1, world_size=3, chunk_size=chunk)
+        s.set_epoch(5)
+        runs.append(list(s))
+    assert all(r == runs[0] for r in runs)
+
+
+@pytest.mark.parametrize("mode", ["image", "identity"])
+def test_resume_costs_one_chunk_and_equals_the_tail(mode, monkeypatch):
+    labels = _skewed_labels()
+    s = PairSampler(labels, mode=mode, num_references=2, seed=1, rank=2, world_size=4, chunk_size=8)
+    s.set_epoch(7)
+    whole = list(s)
+    computed = []
+    real = PairSampler.at_positions
+
+    def spy(self, positions, epoch, draws=None):
+        computed.append(len(positions))
+        return real(self, positions, epoch, draws)
+
+    monkeypatch.setattr(PairSampler, "at_positions", spy)
+    for start in (0, 1, 8, 9, 57, len(whole) - 1, len(whole)):
+        s.set_epoch(7, start=start)
+        computed.clear()
+        it = iter(s)
+        first = next(it, None)
+        assert computed == ([] if start == len(whole) else [min(8, len(whole) - start)])  # O(chunk)
+        assert ([first] + list(it) if first is not None else []) == whole[start:]
+
+
+def test_identity_mode_is_balanced_on_a_long_tail():
+    # one identity with 2,000 images and 1,000 singletons: image frequency would give it 2/3 of the
+    # items, identity-balanced sampling 1/1001 of them
+    labels = np.concatenate([np.zeros(2000, np.int64), np.arange(1, 1001)])
+    s = PairSampler(labels, mode="identity", seed=3)
+    samples, refs = s.epoch_items(0)
+    big = int(np.sum(labels[samples] == 0))
+    expected = samples.size / 1001  # 3 items; binomial sd ~1.7
+    assert big <= expected + 15, big
+    hits = np.bincount(labels[samples], minlength=1001)[1:]
+    assert hits.max() <= 15  # 3 expected per singleton; a Poisson(3) exceeds 15 with p ~ 1e-7
+    single = labels[samples] != 0
+    assert np.all(refs[single, 0] == samples[single])
+
+
+@pytest.mark.parametrize("mode", ["image", "identity"])
+@pytest.mark.parametrize("labels", [
+    [7],                                   # one image
+    [4, 4],                                # one identity of two
+    [3, 1, 2, 0],                          # all singletons, unsorted
+    [2, 2, 0, 0, 1],                       # unsorted, singleton sorted last
+    [0, 0, 5, 2**40, 2**40, 2**40],        # int64 label values, non-contiguous
+])
+def test_tiny_and_odd_label_sets(mode, labels):
+    labels = np.array(labels, dtype=np.int64)
+    for k in (1, 3):
+        for seed in range(4):
+            s = PairSampler(labels, mode=mode, num_references=k, seed=seed, world_size=2, rank=seed % 2)
+            items = list(s)
+            assert len(items) == len(s) == -(-labels.size // 2)
+            for sample, refs in items:
+                assert 0 <= sample < labels.size and len(refs) == k
+                assert all(labels[r] == labels[sample] for r in refs)
+                if np.sum(labels == labels[sample]) > 1:
+                    assert sample not in refs
+                else:
+                    assert refs == (sample,) * k
+
+
+def test_sorted_labels_need_no_per_image_copy():
+    labels = np.repeat(np.arange(1000, dtype=np.int32), 3)
+    s = PairSampler(labels, mode="image")
+    assert s.groups.labels is labels and s.groups.order is None and s.groups.values is None
+    assert s.groups.starts.dtype == np.int32 and s.groups.starts.size == 1001
+    shuffled = PairSampler(np.random.default_rng(0).permutation(labels))
+    assert shuffled.groups.order.dtype == np.int32

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dcq.data import FaceRecordIO, RecordIOWriter, pack_record, unpack_record
-from dcq.data.recordio import MAGIC, read_index, rebuild_index, write_face_recordio
+from dcq.data.recordio import MAGIC, RecordReader, read_index, rebuild_index, write_face_recordio
 from dcq.errors import DcqError
 
 M = struct.pack("<I", MAGIC)
@@ -82,10 +82,12 @@ def test_multipart_records_split_at_aligned_magic_and_round_trip(tmp_path):
                      (1, 0), (3, 0),
                      (1, 12), (3, 5)]
     # the magic number is never stored inside a part at an aligned offset of the payload
-    ds_reader = FaceRecordIO.__new__(FaceRecordIO)  # low-level reader check without dataset labels
-    ds_reader.rec_path, ds_reader.rec_size, ds_reader._fd, ds_reader._pid = str(rec), rec.stat().st_size, None, None
+    reader = RecordReader(rec)  # the byte-level reader, no dataset labels involved
     _, offs = read_index(idx)
-    assert [ds_reader._read_at(int(o), "t") for o in offs] == payloads
+    assert [reader.read(int(o), "t") for o in offs] == payloads
+    heads = reader.read_heads(offs)  # framing of each record's first part, read in one go
+    assert heads["magic"].tolist() == [MAGIC] * 5 and (heads["lrec"] >> 29).tolist() == [1, 1, 0, 1, 1]
+    assert np.array_equal(reader.read_heads(offs[::-1], gap=0), heads[::-1])  # any order, one pread each
     assert rebuild_index(rec, tmp_path / "re.idx") == len(payloads)
     assert (tmp_path / "re.idx").read_text() == idx.read_text()
 
@@ -99,7 +101,7 @@ def test_header_layout_round_trip(tmp_path):
     ds = FaceRecordIO(tmp_path / "train.rec")
     assert ds.header0 == (11, 16)
     assert len(ds) == 10 and ds.num_identities == 5
-    assert ds.labels.dtype == np.int64
+    assert ds.labels.dtype == np.int32 and ds.offsets.dtype == np.int64  # the narrowest that fit
     assert ds.labels.tolist() == [lab for lab, _ in items]
     assert [ds.image_bytes(i) for i in range(10)] == [b for _, b in items]
     assert ds.indices_of(3).tolist() == [4, 5, 6, 7] and ds.indices_of(2).size == 0
@@ -172,10 +174,10 @@ def test_pickle_and_reopen_after_fork(tmp_path):
     ds = FaceRecordIO(tmp_path / "train.rec")
     ds.image_bytes(0)
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._fd is None and clone.image_bytes(1) == ds.image_bytes(1)
-    ds._pid = -1  # as if this object had been inherited by a forked worker
-    old_fd = ds._fd
-    assert ds.image_bytes(0) == _jpeg(1) and ds._fd != old_fd
+    assert clone.reader._fd is None and clone.image_bytes(1) == ds.image_bytes(1)
+    ds.reader._pid = -1  # as if this object had been inherited by a forked worker
+    old_fd = ds.reader._fd
+    assert ds.image_bytes(0) == _jpeg(1) and ds.reader._fd != old_fd
 
 
 def test_errors_name_file_record_and_offset(tmp_path):
@@ -185,7 +187,8 @@ def test_errors_name_file_record_and_offset(tmp_path):
 
     ds = FaceRecordIO(rec)
     off = int(ds.offsets[1])
-    with pytest.raises(DcqError, match=rf"cannot decode image .*train.rec image 1 \(record key 2\) at byte offset {off}\)"):
+    where = rf"train.rec image 1 \(record key 2\) at byte offset {off}\)"
+    with pytest.raises(DcqError, match=rf"cannot decode image .*{where}"):
         ds.image(1)
 
     os.rename(idx, tmp_path / "moved.idx")
@@ -198,7 +201,8 @@ def test_errors_name_file_record_and_offset(tmp_path):
     key, o = lines[1].split("\t")
     lines[1] = f"{key}\t{int(o) + 8}"
     (tmp_path / "bad.idx").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DcqError, match=rf"train.rec: image 1 \(record key 2\): bad magic 0x[0-9a-f]+ at byte offset {int(o) + 8}"):
+    bad_magic = rf"train.rec: image 1 \(record key 2\): bad magic 0x[0-9a-f]+ at byte offset {int(o) + 8}"
+    with pytest.raises(DcqError, match=bad_magic):
         FaceRecordIO(rec, tmp_path / "bad.idx")  # the header layout checks image labels when opening
 
     (tmp_path / "junk.idx").write_text("0\t0\n1\tabc\n")
@@ -217,7 +221,8 @@ def test_errors_name_file_record_and_offset(tmp_path):
     with open(prec, "wb") as f:
         f.write(data[: last_off + 40])
     ds = FaceRecordIO(prec)
-    with pytest.raises(DcqError, match=rf"train.rec: image 2 \(record key 2\): truncated record at byte offset {last_off}"):
+    truncated = rf"train.rec: image 2 \(record key 2\): truncated record at byte offset {last_off}"
+    with pytest.raises(DcqError, match=truncated):
         ds.image_bytes(2)
     with open(prec, "wb") as f:
         f.write(data[: last_off + 4])

@@ -1,6 +1,7 @@
 """Datasets in the formats face-recognition people already have, and the DCQ pair sampler.
 
-- ``FaceRecordIO``: insightface ``train.rec`` + ``train.idx`` (MS1MV2/3, Glint360K, WebFace), no mxnet.
+- ``FaceRecordIO``: insightface ``train.rec`` + ``train.idx`` (MS1MV2/3, Glint360K, WebFace), no mxnet;
+  ``RecordReader`` reads records of any ``.rec`` by byte offset.
 - ``ImageFolderDataset``: ``root/<identity>/<image>.jpg``.
 - ``read_bin`` / ``write_bin``: verification ``.bin`` pairs (lfw.bin, ...), restricted unpickler.
 - ``PairSampler`` / ``PairDataset``: (sample, reference) images of one identity, as DCQ trains on.
@@ -19,6 +20,8 @@ from dcq.lazy import lazy_attributes
 _EXPORTS = {
     "FaceRecordIO": "dcq.data.recordio",
     "RecordIOWriter": "dcq.data.recordio",
+    "RecordReader": "dcq.data.recordio_format",
+    "LabelGroups": "dcq.data.groups",
     "write_face_recordio": "dcq.data.recordio",
     "pack_record": "dcq.data.recordio",
     "unpack_record": "dcq.data.recordio",
@@ -41,10 +44,12 @@ __all__ = [
     "EvalTransform",
     "FaceRecordIO",
     "ImageFolderDataset",
+    "LabelGroups",
     "PairDataset",
     "PairSampler",
     "ProbeSet",
     "RecordIOWriter",
+    "RecordReader",
     "TrainTransform",
     "decode_image",
     "open_dataset",
@@ -60,6 +65,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dcq.data.folder import ImageFolderDataset, open_dataset
+    from dcq.data.groups import LabelGroups
     from dcq.data.pairs import PairDataset, PairSampler
     from dcq.data.probe import ProbeSet, read_probe_set
     from dcq.data.recordio import (
@@ -69,6 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         unpack_record,
         write_face_recordio,
     )
+    from dcq.data.recordio_format import RecordReader
     from dcq.data.synthetic import synthesize
     from dcq.data.transforms import EvalTransform, TrainTransform, decode_image, to_tensor
     from dcq.data.verification_bin import read_bin, write_bin

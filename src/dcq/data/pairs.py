@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dcq.data.groups import LabelGroups
+from dcq.data.keyed import KeyedPermutation, derive_keys, uniform
 from dcq.errors import DcqError
 
 __all__ = ["PairDataset", "PairSampler"]
@@ -38,56 +40,56 @@ class PairSampler(Sampler):
     replacement while there are enough (then with replacement among the others); an identity with a
     single image uses that image as its own reference.
 
-    Deterministic for ``(seed, epoch)``: the whole epoch is drawn from ``np.random.default_rng([seed,
-    epoch])`` identically on every rank, then rank ``r`` takes items ``r, r + W, r + 2W, ...``. Like
-    ``DistributedSampler`` (``drop_last=False``), the epoch is padded by repeating its first items so
-    every rank gets ``ceil(N / W)``; with ``drop_last=True`` it is trimmed to ``floor(N / W)`` per rank.
-    Call ``set_epoch`` before each epoch; ``set_epoch(epoch, start=n)`` skips the ``n`` items of this
-    rank's share already consumed, so a resumed run sees exactly the rest of the epoch.
+    Streaming: item ``p`` of an epoch is a pure function of ``(seed, epoch, p)`` (a keyed
+    permutation of the images in image mode, counter-based uniforms in identity mode and for the
+    references, see ``dcq.data.keyed``), so the epoch is never materialised: it is produced in chunks
+    of ``chunk_size`` items, each rank computes only its own items, and ``set_epoch(epoch, start=n)``
+    starts at item ``n`` at the cost of one chunk. Rank ``r`` takes epoch positions ``r, r + W,
+    r + 2W, ...``. Like ``DistributedSampler`` (``drop_last=False``), the epoch is padded by repeating
+    its first items so every rank gets ``ceil(N / W)``; with ``drop_last=True`` it is trimmed to
+    ``floor(N / W)`` per rank. Call ``set_epoch`` before each epoch; ``set_epoch(epoch, start=n)``
+    skips the ``n`` items of this rank's share already consumed, so a resumed run sees exactly the
+    rest of the epoch.
+
+    ``labels`` is a 1-D integer array (not copied; a memory-mapped one stays on disk) or a
+    ``LabelGroups`` already built (``FaceRecordIO.groups`` comes from its index cache).
     """
 
     MODES = ("image", "identity")
 
     def __init__(self, labels, mode: str = "image", num_references: int = 1, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False):
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.size == 0:
-            raise DcqError(f"PairSampler needs a non-empty 1-D array of labels, got shape {labels.shape}")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise DcqError(f"PairSampler labels must be integers, got dtype {labels.dtype}")
+                 world_size: int = 1, drop_last: bool = False, chunk_size: int = 1 << 16):
         if mode not in self.MODES:
             raise DcqError(f"unknown pair sampling mode {mode!r}; choose 'image' or 'identity'")
         if num_references < 1:
             raise DcqError(f"num_references must be at least 1, got {num_references}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DcqError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.labels = labels.astype(np.int64)
+        if chunk_size < 1:
+            raise DcqError(f"chunk_size must be at least 1, got {chunk_size}")
+        if isinstance(labels, LabelGroups):
+            self.groups = labels
+        else:
+            try:
+                self.groups = LabelGroups.from_labels(labels)
+            except DcqError as exc:
+                raise DcqError(f"PairSampler: {exc}") from None
+        self.labels = self.groups.labels
         self.mode = mode
         self.num_references = int(num_references)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.drop_last = bool(drop_last)
-        self.epoch = 0
-        self.start = 0
-        n = self.labels.size
-        # images grouped by identity: _order[_starts[c]:_starts[c] + _counts[c]] are identity c's images
-        self._order = np.argsort(self.labels, kind="stable")
-        uniq, first, counts = _groups(self.labels[self._order])
-        self._ids = uniq
-        self._starts = first
-        self._counts = counts
-        # position of every image inside its identity's group, and the group it belongs to
-        self._group_of = np.empty(n, dtype=np.int64)
-        self._group_of[self._order] = np.repeat(np.arange(uniq.size), counts)
-        self._pos_in_group = np.empty(n, dtype=np.int64)
-        self._pos_in_group[self._order] = np.arange(n) - np.repeat(first, counts)
+        self.chunk_size = int(chunk_size)
+        self.num_images = n = self.groups.num_images
         if self.drop_last:
             self.share = n // self.world_size
         else:
             self.share = math.ceil(n / self.world_size)
         if self.share == 0:
             raise DcqError(f"{n} images cannot be split over {self.world_size} ranks with drop_last=True")
+        self.set_epoch(0)
 
     @property
     def epoch_length(self) -> int:
@@ -104,75 +106,93 @@ class PairSampler(Sampler):
         """Items the next iteration yields (the epoch share minus ``start``)."""
         return self.share - self.start
 
-    def epoch_items(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The whole epoch before it is split over ranks: samples (N,) and references (N, k)."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        rng = np.random.default_rng([self.seed, epoch])
-        n = self.labels.size
+    # ------------------------------------------------------------------ the draws
+    def _draws(self, epoch: int):
+        """Per-epoch keys: permutation, identity, image, then one per reference."""
+        keys = derive_keys(self.seed, epoch, count=3 + self.num_references)
+        perm = KeyedPermutation(self.num_images, keys[0]) if self.mode == "image" else None
+        return perm, keys[1:]
+
+    def items(self, lo: int, hi: int, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's items ``lo .. hi-1`` of an epoch: samples (m,) and references (m, k)."""
+        if not 0 <= lo <= hi <= self.share:
+            raise DcqError(f"items [{lo}, {hi}) are outside this rank's epoch share of {self.share}")
+        return self.at_positions(self._positions(lo, hi), self.epoch if epoch is None else epoch)
+
+    def _positions(self, lo: int, hi: int) -> np.ndarray:
+        """Epoch positions of this rank's items lo .. hi-1 (past the end: the padding repeats the start)."""
+        return (self.rank + np.arange(lo, hi, dtype=np.int64) * self.world_size) % self.num_images
+
+    def at_positions(self, positions: np.ndarray, epoch: int, draws=None) -> tuple[np.ndarray, np.ndarray]:
+        """Samples and references at positions of the unpadded epoch (all ranks' numbering)."""
+        perm, keys = self._draws(epoch) if draws is None else draws
+        g = self.groups
+        positions = np.asarray(positions, dtype=np.int64)
         if self.mode == "image":
-            samples = rng.permutation(n)
-            groups = self._group_of[samples]
+            samples = perm(positions)
+            slots = g.slot_of(samples)
+            first = g.starts[slots].astype(np.int64)
+            counts = g.starts[slots + 1] - first
         else:
-            groups = rng.integers(0, self._ids.size, size=n)
-            local = np.floor(rng.random(n) * self._counts[groups]).astype(np.int64)
-            samples = self._order[self._starts[groups] + local]
-        refs = self._references(rng, samples, groups)
+            slots = g.drawable_slot(np.floor(uniform(keys[0], positions) * g.num_drawable).astype(np.int64))
+            first = g.starts[slots].astype(np.int64)
+            counts = g.starts[slots + 1] - first
+            local = np.floor(uniform(keys[1], positions) * counts).astype(np.int64)
+            samples = g.image_at(first + local)
+        refs = self._references(keys[2:], positions, samples, first, counts)
         return samples, refs
 
-    def _references(self, rng: np.random.Generator, samples: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """k references per sample: other images of its identity, distinct while possible."""
+    def _references(self, keys, positions, samples, first, counts) -> np.ndarray:
+        """k references per sample: other images of its identity, distinct while possible.
+
+        Draws distinct ranks in [0, count - 1) among the identity's label-sorted images; the one rank
+        that hits the sample itself is swapped for the last image (rank count - 1, never drawn), so
+        the references are uniform over the other images without knowing the sample's rank.
+        """
         k = self.num_references
         n = samples.size
-        others = self._counts[groups] - 1  # how many other images each sample's identity has
-        self_pos = self._pos_in_group[samples]
-        chosen = np.empty((n, k), dtype=np.int64)  # draw order, indices into [0, others)
+        others = counts - 1  # how many other images each sample's identity has
+        chosen = np.empty((n, k), dtype=np.int64)
         sorted_chosen = np.empty((n, 0), dtype=np.int64)
-        u = rng.random((n, k))
         for j in range(k):
             distinct = others - j > 0
-            v = np.floor(u[:, j] * np.where(distinct, others - j, np.maximum(others, 1))).astype(np.int64)
+            width = np.where(distinct, others - j, np.maximum(others, 1))
+            v = np.floor(uniform(keys[j], positions) * width).astype(np.int64)
             # map v to the v-th value not chosen yet (ascending scan over sorted earlier picks)
             for c in range(sorted_chosen.shape[1]):
                 v = v + (distinct & (v >= sorted_chosen[:, c]))
             chosen[:, j] = v
             sorted_chosen = np.sort(np.concatenate([sorted_chosen, v[:, None]], axis=1), axis=1)
-        # skip the sample itself: positions >= its own shift up by one
-        pos = chosen + (chosen >= self_pos[:, None])
-        # a single-image identity has no "other" image: keep its index in range (it is replaced below)
-        pos = np.minimum(pos, self._counts[groups][:, None] - 1)
-        refs = self._order[self._starts[groups][:, None] + pos]
-        single = others == 0
-        refs[single] = samples[single, None]
+        refs = self.groups.image_at(first[:, None] + chosen)
+        clash = refs == samples[:, None]
+        if clash.any():
+            rows = np.nonzero(clash)[0]
+            refs[clash] = self.groups.image_at(first[rows] + counts[rows] - 1)
+        refs[others == 0] = samples[others == 0, None]
         return refs
 
+    def epoch_items(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The whole epoch before it is split over ranks: samples (N,) and references (N, k).
+
+        Materialises N items; for inspection and tests on small sets (iteration never calls it).
+        """
+        epoch = self.epoch if epoch is None else int(epoch)
+        return self.at_positions(np.arange(self.num_images, dtype=np.int64), epoch)
+
     def __iter__(self):
-        samples, refs = self.epoch_items()
-        n = samples.size
-        total = self.share * self.world_size
-        if total > n:  # pad by repeating the start of the epoch, as DistributedSampler does
-            reps = math.ceil(total / n)
-            samples = np.tile(samples, reps)[:total]
-            refs = np.tile(refs, (reps, 1))[:total]
-        take = slice(self.rank + self.start * self.world_size, total, self.world_size)
-        s = samples[take].tolist()
-        r = refs[take].tolist()
-        for a, b in zip(s, r):
-            yield a, tuple(b)
+        return self._iterate(self.epoch, self.start)
+
+    def _iterate(self, epoch: int, start: int):
+        draws = self._draws(epoch)
+        for lo in range(start, self.share, self.chunk_size):
+            hi = min(lo + self.chunk_size, self.share)
+            samples, refs = self.at_positions(self._positions(lo, hi), epoch, draws)
+            yield from zip(samples.tolist(), map(tuple, refs.tolist()))
 
     def __repr__(self) -> str:
-        return (f"PairSampler(images={self.labels.size}, identities={self._ids.size}, mode={self.mode!r}, "
-                f"num_references={self.num_references}, seed={self.seed}, rank={self.rank}/{self.world_size})")
-
-
-def _groups(sorted_labels: np.ndarray):
-    """Unique values, first positions and run lengths of a sorted array (no np.unique: faster)."""
-    n = sorted_labels.size
-    is_new = np.empty(n, dtype=bool)
-    is_new[0] = True
-    np.not_equal(sorted_labels[1:], sorted_labels[:-1], out=is_new[1:])
-    first = np.flatnonzero(is_new)
-    counts = np.diff(np.append(first, n))
-    return sorted_labels[first], first, counts
+        return (f"PairSampler(images={self.num_images}, identities={self.groups.num_drawable}, "
+                f"mode={self.mode!r}, num_references={self.num_references}, seed={self.seed}, "
+                f"rank={self.rank}/{self.world_size})")
 
 
 class PairDataset(Dataset):

@@ -1,14 +1,7 @@
-"""insightface RecordIO (``train.rec`` + ``train.idx``) read and written with numpy only, no mxnet.
+"""insightface face datasets in RecordIO (``train.rec`` + ``train.idx``), read with numpy only, no mxnet.
 
-File format (dmlc-core): each record is ``uint32 magic 0xced7230a | uint32 lrec | data | pad to 4``.
-The top 3 bits of ``lrec`` are a continuation flag (0 whole, 1 first, 2 middle, 3 last part) and the
-low 29 bits the length of this part. A writer splits a payload wherever the magic number appears at a
-4-byte-aligned offset of the payload, dropping those 4 bytes; the reader puts them back between parts.
-``.idx`` lines are ``key<TAB>byte offset`` of the record's first part.
-
-A payload is mxnet's ``IRHeader`` (``<IfQQ``: flag, label, id, id2) followed, when flag > 0, by
-``flag`` float32 labels (then ``label`` is ignored and the first extra label is the class), then the
-encoded image.
+The byte format (record framing, ``IRHeader``, writer, reader, ``.idx``) is ``dcq.data.recordio_format``;
+its names are re-exported here. This module is what a face dataset makes of the records.
 
 insightface datasets come in two layouts:
 
@@ -17,21 +10,36 @@ insightface datasets come in two layouts:
   identity ``c`` with labels ``(first image key, end image key)``.
 - **plain layout** (``im2rec``, Glint360K-style dumps): every record is an image whose label is its
   class; there is no header.
+
+Opening a dataset parses the ``.idx`` and reads labels from record headers once, then caches the
+result (``dcq.data.index_cache``): per image an int64 offset and an int32 label, plus the identity
+grouping the pair sampler needs, memory-mapped back on the next open.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
-import tempfile
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
+from dcq.data.groups import LabelGroups, narrow_int
+from dcq.data.index_cache import IndexCache
+from dcq.data.recordio_format import (
+    IR_STRUCT,
+    LEN_MASK,
+    MAGIC,
+    IRHeader,
+    RecordIOWriter,
+    RecordReader,
+    class_of,
+    pack_record,
+    read_index,
+    rebuild_index,
+    unpack_record,
+)
 from dcq.errors import DcqError
 
 __all__ = [
@@ -39,6 +47,7 @@ __all__ = [
     "FaceRecordIO",
     "IRHeader",
     "RecordIOWriter",
+    "RecordReader",
     "pack_record",
     "read_index",
     "rebuild_index",
@@ -48,452 +57,125 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
-_LEN_MASK = (1 << 29) - 1
-_IR = struct.Struct("<IfQQ")
-_REC_HEAD = struct.Struct("<II")
+CACHE_MIN_IDX_BYTES = 8 << 20  # cache="auto" caches an index of at least ~400k records
 _FLOAT32_EXACT = 1 << 24  # float32 labels hold integers exactly only up to here
+_CHUNK = 1 << 20
+_REBUILD = "rebuild it with dcq.data.recordio.rebuild_index(rec_path)"
 
 
-class IRHeader(NamedTuple):
-    """mxnet's image-record header. ``label`` is a float, or a float32 array when ``flag`` > 0."""
+class _KeyLookup:
+    """Byte offset of a record key: a dense table for keys 0..M-1, binary search otherwise."""
 
-    flag: int
-    label: float | np.ndarray
-    id: int
-    id2: int
-
-
-def pack_record(label, image_bytes: bytes, id: int = 0, id2: int = 0, extra_labels=None) -> bytes:
-    """Build a payload as ``mx.recordio.pack`` does.
-
-    ``label`` may be a number (flag 0) or a sequence (stored as float32 extra labels, flag = its
-    length); ``extra_labels`` is the same as passing a sequence label.
-    """
-    if extra_labels is None and not np.isscalar(label):
-        extra_labels, label = label, 0.0
-    if extra_labels is not None:
-        extra = np.ascontiguousarray(extra_labels, dtype="<f4").reshape(-1)
-        return _IR.pack(int(extra.size), 0.0, int(id), int(id2)) + extra.tobytes() + bytes(image_bytes)
-    return _IR.pack(0, float(label), int(id), int(id2)) + bytes(image_bytes)
-
-
-def unpack_record(payload: bytes) -> tuple[IRHeader, bytes]:
-    """Split a payload into its ``IRHeader`` and the encoded image (``mx.recordio.unpack``)."""
-    if len(payload) < _IR.size:
-        raise DcqError(
-            f"record payload of {len(payload)} bytes is shorter than the {_IR.size}-byte IRHeader; "
-            "the record is corrupt"
-        )
-    flag, label, id_, id2 = _IR.unpack_from(payload, 0)
-    rest = memoryview(payload)[_IR.size:]
-    if flag > 0:
-        if len(rest) < 4 * flag:
-            raise DcqError(
-                f"record payload says {flag} float labels but only {len(rest)} bytes follow the header; "
-                "the record is corrupt"
-            )
-        label = np.frombuffer(rest[: 4 * flag], dtype="<f4").copy()
-        rest = rest[4 * flag:]
-    return IRHeader(flag, label, id_, id2), bytes(rest)
-
-
-def _class_of(header: IRHeader) -> float:
-    """The class label of an image record: label, or the first extra label when flag > 0."""
-    if header.flag > 0:
-        return float(header.label[0])
-    return float(header.label)
-
-
-class RecordIOWriter:
-    """Sequential ``.rec`` + ``.idx`` writer, byte-compatible with ``mx.recordio.MXIndexedRecordIO``."""
-
-    def __init__(self, rec_path, idx_path=None):
-        self.rec_path = Path(rec_path)
-        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
-        self._rec = open(self.rec_path, "wb")  # noqa: SIM115 - closed by close() / __exit__
-        self._idx = open(self.idx_path, "w", encoding="ascii", newline="\n")  # noqa: SIM115
-        self._pos = 0
-        self.records = 0
-
-    def write(self, key: int, payload: bytes) -> int:
-        """Append one record, splitting at aligned magic numbers; returns its byte offset."""
-        payload = bytes(payload)
-        n = len(payload)
-        if n > _LEN_MASK:
-            raise DcqError(f"{self.rec_path}: record {key} is {n} bytes; RecordIO records are limited to 2^29-1")
-        offset = self._pos
-        out = []
-        start = 0
-        if n >= 4:
-            aligned = np.frombuffer(payload, dtype="<u4", count=n // 4)
-            splits = np.flatnonzero(aligned == MAGIC) * 4
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray):
+        top = int(keys.max()) if keys.size else -1
+        if top < 4 * keys.size:
+            self.table = np.full(top + 1, -1, dtype=np.int64)
+            self.table[keys] = offsets
+            self.sorted_keys = None
         else:
-            splits = ()
-        for s in splits:
-            s = int(s)
-            out.append(_REC_HEAD.pack(MAGIC, ((1 if start == 0 else 2) << 29) | (s - start)))
-            out.append(payload[start:s])  # aligned parts need no padding
-            start = s + 4
-        last = n - start
-        out.append(_REC_HEAD.pack(MAGIC, ((3 if start else 0) << 29) | last))
-        out.append(payload[start:])
-        out.append(b"\0" * (-last % 4))
-        blob = b"".join(out)
-        self._rec.write(blob)
-        self._pos += len(blob)
-        self._idx.write(f"{int(key)}\t{offset}\n")
-        self.records += 1
-        return offset
+            order = np.argsort(keys, kind="stable")
+            self.sorted_keys = keys[order]
+            self.table = offsets[order]
 
-    def close(self) -> None:
-        if not self._rec.closed:
-            self._rec.close()
-            self._idx.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Parse ``key<TAB>offset`` lines into two int64 arrays (file order), vectorised.
-
-    Checks what a corrupt or mismatched .idx breaks: two numbers per line, unique keys, offsets
-    4-byte aligned and inside the .rec.
-    """
-    idx_path = str(idx_path)
-    with open(idx_path, "rb") as f:
-        data = f.read()
-    nums = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            nums = np.fromstring(data, dtype=np.int64, sep=" ")  # text mode: the fast parser
-        except (ValueError, DeprecationWarning):
-            nums = None
-    body = data.rstrip()
-    lines = body.count(b"\n") + 1 if body else 0
-    if nums is None or nums.size != 2 * lines:
-        _raise_bad_index_line(idx_path, data)
-    pairs = nums.reshape(-1, 2)
-    keys, offsets = pairs[:, 0].copy(), pairs[:, 1].copy()
-    bad = np.flatnonzero((offsets < 0) | (offsets % 4 != 0) | (keys < 0))
-    if rec_size is not None:
-        bad = np.union1d(bad, np.flatnonzero(offsets >= rec_size))
-    if bad.size:
-        i = int(bad[0])
-        raise DcqError(
-            f"{idx_path}: line {i + 1} has key {keys[i]} at byte offset {offsets[i]}, which cannot start a "
-            f"record{'' if rec_size is None else f' of a {rec_size}-byte .rec'}; the .idx does not belong to "
-            "this .rec — rebuild it with dcq.data.recordio.rebuild_index(rec_path)"
-        )
-    sk = np.sort(keys)
-    if sk.size > 1 and np.any(sk[1:] == sk[:-1]):  # sort+diff: np.unique is far slower on 5M keys
-        dup = int(sk[np.flatnonzero(sk[1:] == sk[:-1])[0]])
-        line = int(np.flatnonzero(keys == dup)[1]) + 1
-        raise DcqError(f"{idx_path}: key {dup} appears twice (again on line {line}); rebuild the .idx")
-    return keys, offsets
-
-
-def _raise_bad_index_line(idx_path: str, data: bytes) -> None:
-    pos = 0
-    for lineno, line in enumerate(data.split(b"\n"), start=1):
-        parts = line.split()
-        ok = len(parts) == 2 and all(p.isdigit() for p in parts)
-        if not ok and line.strip():
-            raise DcqError(
-                f"{idx_path}: line {lineno} (byte {pos}) is {line[:60]!r}, expected 'key<TAB>offset'; "
-                "rebuild the .idx with dcq.data.recordio.rebuild_index(rec_path)"
-            )
-        if not ok and not line.strip() and pos + len(line) < len(data.rstrip()):
-            raise DcqError(f"{idx_path}: line {lineno} (byte {pos}) is empty; remove it or rebuild the .idx")
-        pos += len(line) + 1
-    raise DcqError(f"{idx_path}: cannot parse the index; rebuild it with dcq.data.recordio.rebuild_index(rec_path)")
-
-
-def rebuild_index(rec_path, idx_path=None) -> int:
-    """Write a fresh ``.idx`` by scanning the ``.rec`` (keys = record ordinal, like mxnet's rec2idx)."""
-    rec_path = Path(rec_path)
-    idx_path = Path(idx_path) if idx_path is not None else rec_path.with_suffix(".idx")
-    size = rec_path.stat().st_size
-    offsets = []
-    with open(rec_path, "rb") as f:
-        pos = 0
-        start = True
-        while pos < size:
-            f.seek(pos)
-            head = f.read(8)
-            if len(head) < 8:
-                raise DcqError(f"{rec_path}: truncated record header at byte offset {pos}")
-            magic, lrec = _REC_HEAD.unpack(head)
-            if magic != MAGIC:
-                raise DcqError(f"{rec_path}: bad magic 0x{magic:08x} at byte offset {pos}; not a RecordIO file")
-            if start:
-                offsets.append(pos)
-            cflag, length = lrec >> 29, lrec & _LEN_MASK
-            start = cflag in (0, 3)
-            pos += 8 + length + (-length % 4)
-    fd, tmp = tempfile.mkstemp(dir=str(idx_path.parent), prefix=f".{idx_path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(f"{k}\t{o}\n" for k, o in enumerate(offsets))
-    os.replace(tmp, idx_path)
-    return len(offsets)
+    def __call__(self, keys) -> np.ndarray:
+        """Offsets of ``keys``; -1 where a key is not in the index."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.sorted_keys is None:
+            inside = (keys >= 0) & (keys < self.table.size)
+            return np.where(inside, self.table[np.where(inside, keys, 0)], -1)
+        if self.sorted_keys.size == 0:
+            return np.full(keys.shape, -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted_keys, keys), self.sorted_keys.size - 1)
+        return np.where(self.sorted_keys[pos] == keys, self.table[pos], -1)
 
 
 class FaceRecordIO:
     """Random-access insightface ``.rec`` dataset: ``len`` images, their labels, their encoded bytes.
 
-    The file is opened lazily and re-opened when the process id changes, so one instance can be
-    handed to DataLoader workers (fork or spawn); it pickles without its file handle.
+    ``labels`` (int32 below 2^31 identities) and ``offsets`` (int64) are arrays, memory-mapped
+    read-only from the index cache when one is used: ``cache=True`` always, ``False`` never, ``"auto"``
+    (default) when the ``.idx`` is at least ``CACHE_MIN_IDX_BYTES`` (8 MiB, ~400k records).
+    The ``RecordReader`` (``ds.reader``) opens the file lazily and re-opens it when the process id
+    changes, so one instance can be handed to DataLoader workers (fork or spawn); it pickles without
+    its file handle.
     """
 
     identity_names = None
 
-    def __init__(self, rec_path, idx_path=None, *, relabel: bool = True):
+    def __init__(self, rec_path, idx_path=None, *, relabel: bool = True, cache: bool | str = "auto"):
         self.rec_path = str(rec_path)
         if not os.path.isfile(self.rec_path):
             raise DcqError(f"{self.rec_path}: RecordIO file not found; check the path (e.g. faces_emore/train.rec)")
         self.idx_path = str(idx_path) if idx_path is not None else str(Path(self.rec_path).with_suffix(".idx"))
         if not os.path.isfile(self.idx_path):
             raise DcqError(
-                f"{self.idx_path}: index file not found beside {self.rec_path}; pass idx_path= or rebuild it "
-                "with dcq.data.recordio.rebuild_index(rec_path)"
+                f"{self.idx_path}: index file not found beside {self.rec_path}; pass idx_path= or {_REBUILD}"
             )
-        self._fd: int | None = None
-        self._pid: int | None = None
-        self.rec_size = os.path.getsize(self.rec_path)
-        keys, offsets = read_index(self.idx_path, self.rec_size)
-        self._keys_sorted = np.sort(keys)
-        self._offsets_by_key = offsets[np.argsort(keys, kind="stable")]
-        self.header0: tuple[int, int] | None = self._detect_header()
-        if self.header0 is not None:
-            self._init_header_layout(keys)
+        self.reader = RecordReader(self.rec_path)
+        self.rec_size = self.reader.size
+        default_idx = os.path.abspath(self.idx_path) == os.path.abspath(Path(self.rec_path).with_suffix(".idx"))
+        cache_name = None if default_idx else f"{Path(self.rec_path).name}+{Path(self.idx_path).name}"
+        params = {"relabel": bool(relabel), "idx": os.path.abspath(self.idx_path)}
+        self.index_cache = IndexCache(self.rec_path, [self.rec_path, self.idx_path], params, name=cache_name)
+        if cache == "auto":  # small sets parse in well under a second: leave their folder untouched
+            cache = os.path.getsize(self.idx_path) >= CACHE_MIN_IDX_BYTES
+        loaded = self.index_cache.load() if cache else None
+        if loaded is None:
+            info, arrays = _IndexBuilder(self, relabel).build()
+            if cache and self.index_cache.save(info, arrays) is not None:
+                info, arrays = self.index_cache.load() or (info, arrays)  # mapped: RSS only for pages used
         else:
-            self._init_plain_layout(keys, offsets, relabel)
-        self.num_identities = max(int(self.labels.max()) + 1 if self.labels.size else 0,
-                                  getattr(self, "_declared_identities", 0))
-        self._by_label = np.argsort(self.labels, kind="stable")
-        self._label_starts = np.searchsorted(self.labels[self._by_label], np.arange(self.num_identities + 1))
+            info, arrays = loaded
+        self._apply(info, arrays)
 
-    # ------------------------------------------------------------------ file access
-    def _file(self) -> int:
-        pid = os.getpid()
-        if self._fd is None or self._pid != pid:
-            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            self._pid = pid
-        return self._fd
+    def _apply(self, info: dict, arrays: dict) -> None:
+        self._info, self._arrays = info, arrays
+        self.header0 = tuple(info["header0"]) if info["header0"] is not None else None
+        self.num_identities = int(info["num_identities"])
+        self.offsets = arrays["offsets"]
+        self.labels = arrays["labels"]
+        self._keys = arrays.get("keys")
+        self.label_values = arrays.get("label_values")
+        self.identity_ranges = arrays.get("identity_ranges")
+        self.groups = LabelGroups(labels=self.labels, starts=arrays["starts"], order=arrays.get("order"),
+                                  values=arrays.get("values"), drawable=arrays.get("drawable"))
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_fd"] = None
-        state["_pid"] = None
+        """Cache-backed arrays travel as file names (a spawned DataLoader worker maps them again)."""
+        derived = {"header0", "num_identities", "offsets", "labels", "_keys", "label_values", "identity_ranges",
+                   "groups", "_info", "_arrays"}
+        state = {k: v for k, v in self.__dict__.items() if k not in derived}
+        state["_info"] = self._info
+        state["_arrays"] = {name: ("mmap", a.filename) if isinstance(a, np.memmap) and a.filename else a
+                            for name, a in self._arrays.items()}
         return state
 
-    def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None and getattr(self, "_pid", None) == os.getpid():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def __setstate__(self, state):
+        arrays = {name: np.load(a[1], mmap_mode="r", allow_pickle=False) if isinstance(a, tuple) else a
+                  for name, a in state.pop("_arrays").items()}
+        info = state.pop("_info")
+        self.__dict__.update(state)
+        self._apply(info, arrays)
 
-    def _offset_of_key(self, key: int) -> int | None:
-        pos = int(np.searchsorted(self._keys_sorted, key))
-        if pos < self._keys_sorted.size and self._keys_sorted[pos] == key:
-            return int(self._offsets_by_key[pos])
-        return None
+    # ------------------------------------------------------------------ derived attributes
+    @property
+    def image_keys(self) -> np.ndarray:
+        """Record key of every image (header layout: 1..N)."""
+        if self._keys is None:
+            return np.arange(1, len(self) + 1, dtype=np.int64)
+        return self._keys
 
-    def _read_at(self, offset: int, what: str) -> bytes:
-        """Read the (possibly multi-part) record whose first part starts at ``offset``."""
-        fd = self._file()
-        parts = []
-        pos = offset
-        first = True
-        while True:
-            head = os.pread(fd, 8, pos)
-            if len(head) < 8:
-                raise DcqError(
-                    f"{self.rec_path}: {what}: truncated record header at byte offset {pos} (file is "
-                    f"{self.rec_size} bytes); the .rec was cut short — re-copy or re-create it"
-                )
-            magic, lrec = _REC_HEAD.unpack(head)
-            if magic != MAGIC:
-                raise DcqError(
-                    f"{self.rec_path}: {what}: bad magic 0x{magic:08x} at byte offset {pos} (expected "
-                    f"0x{MAGIC:08x}); the .idx does not match this .rec — rebuild it with "
-                    "dcq.data.recordio.rebuild_index(rec_path)"
-                )
-            cflag, length = lrec >> 29, lrec & _LEN_MASK
-            if (first and cflag not in (0, 1)) or (not first and cflag not in (2, 3)):
-                raise DcqError(
-                    f"{self.rec_path}: {what}: unexpected continuation flag {cflag} at byte offset {pos}; "
-                    "the .idx points into the middle of a record — rebuild it"
-                )
-            data = os.pread(fd, length, pos + 8) if length else b""
-            if len(data) < length:
-                raise DcqError(
-                    f"{self.rec_path}: {what}: truncated record at byte offset {pos}: header says {length} "
-                    f"bytes, only {len(data)} left in the file; re-copy or re-create the .rec"
-                )
-            parts.append(data)
-            if cflag in (0, 3):
-                break
-            parts.append(_MAGIC_BYTES)
-            pos += 8 + length + (-length % 4)
-            first = False
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+    def _key(self, i: int) -> int:
+        return i + 1 if self._keys is None else int(self._keys[i])
 
-    def _read_key(self, key: int) -> tuple[IRHeader, bytes]:
-        off = self._offset_of_key(key)
-        if off is None:
-            raise DcqError(f"{self.idx_path}: record key {key} is missing from the index; rebuild it")
-        payload = self._read_at(off, f"record key {key}")
-        try:
-            return unpack_record(payload)
-        except DcqError as exc:
-            raise DcqError(f"{self.rec_path}: record key {key} at byte offset {off}: {exc}") from None
-
-    # ------------------------------------------------------------------ layouts
-    def _detect_header(self) -> tuple[int, int] | None:
-        """Record 0 is an insightface header when it has >= 2 labels and no image."""
-        if self._offset_of_key(0) is None:
-            return None
-        header, img = self._read_key(0)
-        if header.flag >= 2 and len(img) == 0:
-            first, end = int(header.label[0]), int(header.label[1])
-            if 1 <= first <= end:
-                return first, end
-        return None
-
-    def _init_header_layout(self, keys: np.ndarray) -> None:
-        first, end = self.header0
-        n_images = first - 1
-        missing = np.setdiff1d(np.arange(first, end), self._keys_sorted)
-        if missing.size:
-            raise DcqError(
-                f"{self.idx_path}: header record says identity records are keys [{first}, {end}) but key "
-                f"{int(missing[0])} is not in the index; the .idx is incomplete — rebuild it"
-            )
-        self.image_keys = np.arange(1, first, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._keys_sorted, self.image_keys), self._keys_sorted.size - 1)
-        absent = np.flatnonzero(self._keys_sorted[pos] != self.image_keys)
-        if absent.size:
-            raise DcqError(
-                f"{self.idx_path}: image record key {int(self.image_keys[absent[0]])} is missing from the "
-                "index; rebuild it with dcq.data.recordio.rebuild_index(rec_path)"
-            )
-        self.offsets = self._offsets_by_key[pos]
-        ranges = np.zeros((end - first, 2), dtype=np.int64)
-        for c, key in enumerate(range(first, end)):
-            h, _ = self._read_key(key)
-            if h.flag < 2:
-                raise DcqError(
-                    f"{self.rec_path}: identity record key {key} has no (first, end) image range "
-                    f"(flag {h.flag}); the header layout is broken — rebuild the .rec"
-                )
-            ranges[c] = (int(h.label[0]), int(h.label[1]))
-        labels = np.full(n_images, -1, dtype=np.int64)
-        ok = bool(np.all((ranges[:, 0] >= 1) & (ranges[:, 0] <= ranges[:, 1]) & (ranges[:, 1] <= first)))
-        if ok:
-            lengths = ranges[:, 1] - ranges[:, 0]
-            ok = bool(np.all(ranges[1:, 0] == ranges[:-1, 1])) and (n_images == 0 or (
-                ranges[0, 0] == 1 and ranges[-1, 1] == first))
-            if ok:
-                labels = np.repeat(np.arange(end - first, dtype=np.int64), lengths)
-        # insightface trains on each image record's own label; check the ranges agree with it.
-        if ok and n_images:
-            sample = np.unique(np.linspace(0, n_images - 1, num=min(n_images, 64)).astype(np.int64))
-            raw = np.array([_class_of(self.record(int(i))[0]) for i in sample])
-            ok = bool(np.all(raw == labels[sample]))
-        if not ok:
-            log.warning(
-                "%s: identity ranges do not match the image labels (or exceed float32 precision); "
-                "reading every image header for its label", self.rec_path
-            )
-            raw = self._read_labels(self.offsets)
-            self.labels = self._relabel(raw, True)
-            self.raw_labels = raw
-        else:
-            self.labels = self.raw_labels = labels
-            self._declared_identities = end - first  # identities with no images still count
-        self.identity_ranges = ranges
-
-    def _init_plain_layout(self, keys: np.ndarray, offsets: np.ndarray, relabel: bool) -> None:
-        self.image_keys = keys
-        self.offsets = offsets
-        self.identity_ranges = None
-        raw = self._read_labels(offsets)
-        self.raw_labels = raw
-        self.labels = self._relabel(raw, relabel)
-
-    def _relabel(self, raw: np.ndarray, relabel: bool) -> np.ndarray:
-        """Map labels to 0..C-1 in sorted order when they are not already contiguous."""
-        if raw.size and raw.min() < 0:
-            i = int(np.flatnonzero(raw < 0)[0])
-            raise DcqError(
-                f"{self.rec_path}: image {i} (byte offset {int(self.offsets[i])}) has negative label {raw[i]}"
-            )
-        if raw.size == 0:
-            self.label_values = raw
-            return raw
-        order = np.argsort(raw, kind="stable")
-        srt = raw[order]
-        is_new = np.empty(srt.size, dtype=bool)
-        is_new[0] = True
-        np.not_equal(srt[1:], srt[:-1], out=is_new[1:])
-        values = srt[is_new]
-        self.label_values = values
-        if not relabel or (values[0] == 0 and values[-1] == values.size - 1):
-            return raw
-        inverse = np.empty(raw.size, dtype=np.int64)
-        inverse[order] = np.cumsum(is_new) - 1
-        log.info("%s: labels are not contiguous; re-indexed %d classes to 0..%d in sorted order",
-                 self.rec_path, values.size, values.size - 1)
-        return inverse
-
-    def _read_labels(self, offsets: np.ndarray) -> np.ndarray:
-        """Class label of every image record: one 36-byte read per record, parsed with numpy."""
-        fd = self._file()
-        need = 8 + _IR.size + 4
-        parts = []
-        for lo in range(0, len(offsets), 1 << 18):  # bounded memory for millions of records
-            chunk = offsets[lo:lo + (1 << 18)].tolist()
-            blob = b"".join([os.pread(fd, need, o) for o in chunk])
-            if len(blob) != need * len(chunk):  # a record near the end of the file is shorter
-                blob = b"".join([os.pread(fd, need, o).ljust(need, b"\0") for o in chunk])
-            parts.append(blob)
-        blob = b"".join(parts)
-        rec = np.frombuffer(blob, dtype=np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"),
-                                                   ("label", "<f4"), ("id", "<u8"), ("id2", "<u8"),
-                                                   ("extra", "<f4")]))
-        if rec.size and np.any(rec["magic"] != MAGIC):
-            i = int(np.flatnonzero(rec["magic"] != MAGIC)[0])
-            raise DcqError(
-                f"{self.rec_path}: image {i} (key {int(self.image_keys[i])}): bad magic "
-                f"0x{int(rec['magic'][i]):08x} at byte offset {int(offsets[i])}; the .idx does not match "
-                "this .rec — rebuild it with dcq.data.recordio.rebuild_index(rec_path)"
-            )
-        labels = np.where(rec["flag"] > 0, rec["extra"], rec["label"]).astype(np.float64)
-        # Records whose first part is too short to hold the header (split at a magic, or truncated):
-        length = rec["lrec"] & _LEN_MASK
-        needed = _IR.size + np.where(rec["flag"] > 0, 4, 0)
-        slow = np.flatnonzero(length < needed)
-        for i in slow:
-            h, _ = unpack_record(self._read_at(int(offsets[i]), f"image {int(i)} (key {int(self.image_keys[i])})"))
-            labels[i] = _class_of(h)
-        out = np.rint(labels).astype(np.int64)
-        frac = np.flatnonzero(np.abs(out - labels) > 1e-3)
-        if frac.size:
-            i = int(frac[0])
-            raise DcqError(
-                f"{self.rec_path}: image {i} at byte offset {int(offsets[i])} has non-integer label "
-                f"{labels[i]}; this is not a classification .rec"
-            )
-        return out
+    @property
+    def raw_labels(self) -> np.ndarray:
+        """Labels as stored in the records (before re-indexing to 0..C-1)."""
+        if self.label_values is None or self.label_values.size == 0:
+            return self.labels
+        if self.groups.values is not None:  # relabel=False kept the stored values
+            return self.labels
+        return self.label_values[self.labels]
 
     # ------------------------------------------------------------------ public API
     def __len__(self) -> int:
@@ -501,7 +183,7 @@ class FaceRecordIO:
 
     def where(self, i: int) -> str:
         """Human-readable location of image ``i`` for error messages."""
-        return f"{self.rec_path} image {i} (record key {int(self.image_keys[i])}) at byte offset {int(self.offsets[i])}"
+        return f"{self.rec_path} image {i} (record key {self._key(i)}) at byte offset {int(self.offsets[i])}"
 
     def _check_index(self, i: int) -> int:
         i = int(i)
@@ -518,7 +200,7 @@ class FaceRecordIO:
     def record(self, i: int) -> tuple[IRHeader, bytes]:
         """IRHeader and encoded image of image ``i``."""
         i = self._check_index(i)
-        payload = self._read_at(int(self.offsets[i]), f"image {i} (record key {int(self.image_keys[i])})")
+        payload = self.reader.read(int(self.offsets[i]), f"image {i} (record key {self._key(i)})")
         try:
             return unpack_record(payload)
         except DcqError as exc:
@@ -541,13 +223,196 @@ class FaceRecordIO:
         identity = int(identity)
         if not 0 <= identity < self.num_identities:
             raise IndexError(f"identity {identity} out of range for {self.num_identities} identities")
-        return np.sort(self._by_label[self._label_starts[identity]:self._label_starts[identity + 1]])
+        values = self.groups.values
+        if values is None:
+            slot = identity
+        else:
+            slot = int(np.searchsorted(values, identity))
+            if slot >= values.size or values[slot] != identity:
+                return np.zeros(0, dtype=np.int64)
+        if slot >= self.groups.num_slots:
+            return np.zeros(0, dtype=np.int64)
+        return self.groups.members(slot)
 
     def __repr__(self) -> str:
         layout = "header" if getattr(self, "header0", None) is not None else "plain"
         n = self.offsets.size if hasattr(self, "offsets") else "?"
         return (f"FaceRecordIO({getattr(self, 'rec_path', '?')!r}, images={n}, "
                 f"identities={getattr(self, 'num_identities', '?')}, layout={layout})")
+
+
+class _IndexBuilder:
+    """Parses the ``.idx`` and the record headers into the arrays ``FaceRecordIO`` caches."""
+
+    def __init__(self, ds: FaceRecordIO, relabel: bool):
+        self.ds = ds
+        self.relabel = relabel
+        self.reader = ds.reader
+        self.rec_path = ds.rec_path
+        self.idx_path = ds.idx_path
+
+    def build(self) -> tuple[dict, dict]:
+        keys, offsets = read_index(self.idx_path, self.ds.rec_size)
+        self.lookup = _KeyLookup(keys, offsets)
+        header0 = self._detect_header()
+        if header0 is not None:
+            del keys, offsets
+            info, arrays = self._header_layout(header0)
+        else:
+            info, arrays = self._plain_layout(keys, offsets)
+        info["header0"] = list(header0) if header0 is not None else None
+        return info, arrays
+
+    def _read_key(self, key: int) -> tuple[IRHeader, bytes]:
+        off = int(self.lookup([key])[0])
+        if off < 0:
+            raise DcqError(f"{self.idx_path}: record key {key} is missing from the index; rebuild it")
+        payload = self.reader.read(off, f"record key {key}")
+        try:
+            return unpack_record(payload)
+        except DcqError as exc:
+            raise DcqError(f"{self.rec_path}: record key {key} at byte offset {off}: {exc}") from None
+
+    def _detect_header(self) -> tuple[int, int] | None:
+        """Record 0 is an insightface header when it has >= 2 labels and no image."""
+        if self.lookup([0])[0] < 0:
+            return None
+        header, img = self._read_key(0)
+        if header.flag >= 2 and len(img) == 0:
+            first, end = int(header.label[0]), int(header.label[1])
+            if 1 <= first <= end:
+                return first, end
+        return None
+
+    def _offsets_of(self, keys: np.ndarray, what: str) -> np.ndarray:
+        offs = self.lookup(keys)
+        missing = np.flatnonzero(offs < 0)
+        if missing.size:
+            raise DcqError(f"{self.idx_path}: {what} key {int(keys[missing[0]])} is not in the index; "
+                           f"the .idx is incomplete — {_REBUILD}")
+        return offs
+
+    def _header_layout(self, header0: tuple[int, int]) -> tuple[dict, dict]:
+        first, end = header0
+        n_images = first - 1
+        id_keys = np.arange(first, end, dtype=np.int64)
+        id_offsets = self._offsets_of(id_keys, f"header record says identity records are keys [{first}, {end}) but")
+        offsets = self._offsets_of(np.arange(1, first, dtype=np.int64), "image record")
+        del self.lookup
+        ranges = np.zeros((end - first, 2), dtype=np.int64)
+        for lo in range(0, id_keys.size, _CHUNK):
+            heads = self.reader.read_heads(id_offsets[lo:lo + _CHUNK])
+            whole = (heads["lrec"] & LEN_MASK) >= IR_STRUCT.size + 8
+            usable = (heads["magic"] == MAGIC) & whole & (heads["flag"] >= 2)
+            ranges[lo:lo + heads.size] = heads["extra"]
+            for j in np.flatnonzero(~usable).tolist():  # split at a magic number, or broken: read it whole
+                key = int(id_keys[lo + j])
+                h, _ = self._read_key(key)
+                if h.flag < 2:
+                    raise DcqError(
+                        f"{self.rec_path}: identity record key {key} has no (first, end) image range "
+                        f"(flag {h.flag}); the header layout is broken — rebuild the .rec"
+                    )
+                ranges[lo + j] = (int(h.label[0]), int(h.label[1]))
+        lengths = ranges[:, 1] - ranges[:, 0]
+        ok = bool(np.all((ranges[:, 0] >= 1) & (lengths >= 0) & (ranges[:, 1] <= first)))
+        if ok:
+            ok = bool(np.all(ranges[1:, 0] == ranges[:-1, 1])) and (n_images == 0 or (
+                ranges[0, 0] == 1 and ranges[-1, 1] == first))
+        labels = None
+        if ok:
+            labels = narrow_int(np.repeat(np.arange(end - first, dtype=np.int64), lengths))
+        # insightface trains on each image record's own label; check the ranges agree with it.
+        if ok and n_images:
+            sample = np.unique(np.linspace(0, n_images - 1, num=min(n_images, 64)).astype(np.int64))
+            raw = self._read_labels(offsets[sample], sample)
+            ok = bool(np.all(raw == labels[sample]))
+        arrays = {"offsets": offsets, "identity_ranges": ranges}
+        if ok:
+            arrays["labels"] = labels
+            groups = LabelGroups.from_counts(labels, lengths)
+            num_identities = end - first  # identities with no images still count
+        else:
+            log.warning(
+                "%s: identity ranges do not match the image labels (or exceed float32 precision); "
+                "reading every image header for its label", self.rec_path
+            )
+            raw = self._read_labels(offsets, np.arange(n_images))
+            groups, _ = self._relabelled(raw, True, offsets)
+            arrays["labels"] = groups.labels
+            num_identities = groups.num_slots
+        arrays.update(groups.arrays())
+        return {"layout": "header", "num_identities": int(num_identities)}, arrays
+
+    def _plain_layout(self, keys: np.ndarray, offsets: np.ndarray) -> tuple[dict, dict]:
+        del self.lookup
+        raw = self._read_labels(offsets, np.arange(offsets.size), keys)
+        groups, values = self._relabelled(raw, self.relabel, offsets)
+        if groups.values is None:
+            num_identities = groups.num_slots
+        else:
+            num_identities = int(groups.values[-1]) + 1
+        arrays = {"offsets": offsets, "labels": groups.labels, "keys": narrow_int(keys), "label_values": values}
+        arrays.update(groups.arrays())
+        return {"layout": "plain", "num_identities": num_identities}, arrays
+
+    def _relabelled(self, raw: np.ndarray, relabel: bool, offsets: np.ndarray) -> tuple[LabelGroups, np.ndarray]:
+        """Groups of the labels, re-indexed to 0..C-1 in sorted order when they are not contiguous."""
+        if raw.size and raw.min() < 0:
+            i = int(np.flatnonzero(raw < 0)[0])
+            raise DcqError(f"{self.rec_path}: image {i} (byte offset {int(offsets[i])}) has negative label {raw[i]}")
+        if raw.size == 0:
+            empty = np.zeros(0, dtype=np.int32)
+            return LabelGroups(labels=empty, starts=np.zeros(1, dtype=np.int32)), empty
+        groups = LabelGroups.from_labels(narrow_int(raw))
+        if groups.values is None:
+            return groups, np.arange(groups.num_slots, dtype=groups.labels.dtype)
+        values = groups.values
+        if not relabel:
+            return groups, values
+        counts = np.diff(groups.starts.astype(np.int64))
+        dense = np.empty(raw.size, dtype=np.int32 if values.size < 2**31 else np.int64)
+        dense[groups.order if groups.order is not None else slice(None)] = np.repeat(
+            np.arange(values.size, dtype=dense.dtype), counts)
+        log.info("%s: labels are not contiguous; re-indexed %d classes to 0..%d in sorted order",
+                 self.rec_path, values.size, values.size - 1)
+        return LabelGroups(labels=dense, starts=groups.starts, order=groups.order), values
+
+    def _read_labels(self, offsets: np.ndarray, images: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
+        """Class label (int64) of image records, from their headers read in chunks."""
+        out = np.empty(offsets.size, dtype=np.int64)
+
+        def key_of(j: int) -> int:
+            return int(keys[j]) if keys is not None else int(images[j]) + 1
+
+        for lo in range(0, offsets.size, _CHUNK):
+            heads = self.reader.read_heads(offsets[lo:lo + _CHUNK])
+            bad = np.flatnonzero(heads["magic"] != MAGIC)
+            if bad.size:
+                j = lo + int(bad[0])
+                raise DcqError(
+                    f"{self.rec_path}: image {int(images[j])} (record key {key_of(j)}): bad magic "
+                    f"0x{int(heads['magic'][bad[0]]):08x} at byte offset {int(offsets[j])}; the .idx does not "
+                    f"match this .rec — {_REBUILD}"
+                )
+            labels = np.where(heads["flag"] > 0, heads["extra"][:, 0], heads["label"]).astype(np.float64)
+            # records whose first part is too short to hold the header (split at a magic, or truncated)
+            needed = IR_STRUCT.size + np.where(heads["flag"] > 0, 4, 0)
+            for j in np.flatnonzero((heads["lrec"] & LEN_MASK) < needed).tolist():
+                i = lo + j
+                what = f"image {int(images[i])} (record key {key_of(i)})"
+                h, _ = unpack_record(self.reader.read(int(offsets[i]), what))
+                labels[j] = class_of(h)
+            rounded = np.rint(labels).astype(np.int64)
+            frac = np.flatnonzero(np.abs(rounded - labels) > 1e-3)
+            if frac.size:
+                i = lo + int(frac[0])
+                raise DcqError(
+                    f"{self.rec_path}: image {int(images[i])} at byte offset {int(offsets[i])} has non-integer "
+                    f"label {labels[frac[0]]}; this is not a classification .rec"
+                )
+            out[lo:lo + heads.size] = rounded
+        return out
 
 
 def write_face_recordio(out_dir, items: Iterable[tuple[int, bytes]], name: str = "train", *,

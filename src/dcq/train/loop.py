@@ -189,7 +189,8 @@ class Trainer:
             raise DcqError(f"training set {cfg.train_data} is empty")
         if cfg.head == "dcq" and n_ids < 2:
             raise DcqError(f"training set {cfg.train_data} has {n_ids} identity; DCQ needs at least 2")
-        pairs = PairSampler(np.asarray(self.source.labels), mode=cfg.sampling, num_references=cfg.num_references,
+        labels = getattr(self.source, "groups", None) or np.asarray(self.source.labels)  # .rec: cached
+        pairs = PairSampler(labels, mode=cfg.sampling, num_references=cfg.num_references,
                             seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
         if pairs.epoch_length < cfg.batch_size:
             raise DcqError(
