@@ -35,10 +35,10 @@ BASE = {"scale": 32.0, "margin": 0.2, "margin_type": "cosface"}
 VARIANTS: dict[str, dict] = {
     "FC": {"head": "fc"},
     "Partial FC 0.1": {"head": "pfc", "sample_rate": 0.1},
-    "DCQ 10%": {"head": "dcq", "queue_size": 0.1},
-    "DCQ 1%": {"head": "dcq", "queue_size": 0.01},
-    "DCQ 5%": {"head": "dcq", "queue_size": 0.05},
-    "DCQ 20%": {"head": "dcq", "queue_size": 0.2},
+    "DCQ 10%": {"head": "dcq", "queue_fraction": 0.1},
+    "DCQ 1%": {"head": "dcq", "queue_fraction": 0.01},
+    "DCQ 5%": {"head": "dcq", "queue_fraction": 0.05},
+    "DCQ 20%": {"head": "dcq", "queue_fraction": 0.2},
 }
 DEFAULT_RUNS = "FC,Partial FC 0.1,DCQ 10%"
 LONGTAIL_MAX_IMAGES = 200_000  # embedding a larger training set for the gallery costs more than the run
@@ -131,10 +131,9 @@ def prepare_datasets(args) -> dict[str, Path]:
 
 def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args) -> dict:
     from dcq.demo import DEMO_TRAIN
-    from dcq.eval import evaluate_bin, longtail_report
-    from dcq.checkpoint import build_eval_encoder, load_checkpoint
-    from dcq.train.config import build_config
-    from dcq.train.loop import train
+    from dcq.eval import evaluate_bin
+    from dcq.eval.pipeline import load_encoder
+    from dcq.experiment import train_and_evaluate
 
     stats = json.loads((data / "stats.json").read_text())
     out = Path(tempfile.mkdtemp(prefix="dcq-run-"))
@@ -142,19 +141,22 @@ def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args
               "identities": stats["identities"], "images": stats["images"]}
     t0 = time.time()
     try:
-        values = {**DEMO_TRAIN, **settings, "train": str(data), "max_steps": args.steps, "output": str(out),
+        longtail = args.longtail == "on" or (args.longtail == "auto" and stats["images"] <= LONGTAIL_MAX_IMAGES)
+        values = {**DEMO_TRAIN, **settings, "train_data": str(data), "max_steps": args.steps, "output": str(out),
                   "progress": False, "threads": args.threads, "seed": seed,
                   "eval_bins": [str(data / "val.bin")] if args.eval_every else [],
                   "eval_every": args.eval_every}
-        summary = train(build_config(values, "claims"))
-        encoder, info = build_eval_encoder(load_checkpoint(summary["final"]))
-        record["verify"] = evaluate_bin(encoder, data / "val.bin", args.image_size)
+        summary, evaluation = train_and_evaluate(values, source="claims", bins=[data / "val.bin"],
+                                                 dataset=data if longtail else None)
+        record["verify"] = evaluation.verification["val"]
         record["curve"] = [(h["step"], h["val"]) for h in summary.get("eval_history", []) if "val" in h]
-        record["encoder"] = info["which"]
+        record["encoder"] = evaluation.info["which"]
         record["train_seconds"] = summary["train_seconds"]
-        longtail = args.longtail == "on" or (args.longtail == "auto" and stats["images"] <= LONGTAIL_MAX_IMAGES)
-        if longtail:
-            record["longtail"] = longtail_report(encoder, data, args.image_size)["rows"]
+        if evaluation.info["which"] != "feature_extractor":  # DCQ: the trained encoder too, to compare
+            extractor, _, _ = load_encoder(summary["final"], prefer="feature_extractor")
+            record["verify_feature_extractor"] = evaluate_bin(extractor, data / "val.bin", args.image_size)
+        if evaluation.longtail is not None:
+            record["longtail"] = evaluation.longtail["rows"]
     except Exception as exc:  # keep going: a failed run is a row too
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()

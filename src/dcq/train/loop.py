@@ -190,7 +190,7 @@ class Trainer:
         if cfg.head == "dcq" and n_ids < 2:
             raise DcqError(f"training set {cfg.train_data} has {n_ids} identity; DCQ needs at least 2")
         labels = getattr(self.source, "groups", None) or np.asarray(self.source.labels)  # .rec: cached
-        pairs = PairSampler(labels, mode=cfg.sampling, num_references=cfg.num_references,
+        pairs = PairSampler(labels, mode=cfg.sampling, num_references=cfg.references,
                             seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
         if pairs.epoch_length < cfg.batch_size:
             raise DcqError(
@@ -199,7 +199,7 @@ class Trainer:
             )
         self.sampler = _PositionedSampler(pairs, cfg.seed)
         transform = TrainTransform(cfg.image_size, flip=cfg.flip)
-        dataset = PairDataset(self.source, transform, num_references=cfg.num_references, preload=cfg.preload,
+        dataset = PairDataset(self.source, transform, num_references=cfg.references, preload=cfg.preload,
                               on_bad_record=cfg.on_bad_record)
         self.pair_dataset = dataset
         self.dataset = _SeededItems(dataset)
