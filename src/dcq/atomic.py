@@ -87,6 +87,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def ensure_writable(path: str | os.PathLike) -> Path:
     """Fail now, with one line, if ``path`` could not be written later (a probe file beside it)."""
     path = Path(path)
+    missing = [p for p in path.parents if not p.exists()]  # deepest first; removed again after the probe
     _folder, tmp = _temporary(path)
     os.unlink(tmp)
+    for folder in missing:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     return path
