@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from dcq.atomic import atomic_write
+from dcq.checksum import ALGORITHM, payload_digest
 from dcq.errors import DcqError
 
 FORMAT = "dcq-checkpoint"
@@ -41,6 +43,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     A crash at any point leaves either the previous file or the new one, never a torn file.
     """
     data = {"format": FORMAT, "version": VERSION, **payload}
+    data["checksum"] = {"algorithm": ALGORITHM, "digest": payload_digest(data)}
     return atomic_write(path, lambda f: torch.save(data, f))
 
 
@@ -53,11 +56,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         data = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only" in first.lower() or "weights_only" in first:
+            # torch's text goes on to suggest weights_only=False, i.e. running the file's code: never that.
+            first = "it holds objects other than tensors and plain containers, so it was not loaded"
         raise DcqError(f"{path} is not a loadable dcq checkpoint ({first[:200]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DcqError(f"{path} is not a dcq checkpoint (no 'format: {FORMAT}' entry); was it written by dcq?")
     if int(data.get("version", 0)) > VERSION:
         raise DcqError(f"{path} has checkpoint version {data['version']}; this dcq reads up to {VERSION}")
+    checksum = data.pop("checksum", None)  # checkpoints written before checksums load without one
+    if checksum is not None:
+        digest = checksum.get("digest") if isinstance(checksum, dict) else None
+        if digest != payload_digest(data):
+            raise DcqError(f"{path} is damaged: its contents do not match the checksum stored when it was "
+                           "written; use another checkpoint (e.g. an earlier step_*.pt)")
     return data
 
 
@@ -74,7 +86,10 @@ def build_eval_encoder(ckpt: dict[str, Any], prefer: str = "weight_generator") -
     which = prefer if ckpt.get(prefer) is not None else "feature_extractor"
     if ckpt.get(which) is None:
         raise DcqError(f"checkpoint holds neither '{prefer}' nor 'feature_extractor' weights")
-    encoder = get_backbone(name, embedding_size=dim, image_size=size)
+    try:
+        encoder = get_backbone(name, embedding_size=dim, image_size=size)
+    except ValueError as exc:  # unknown backbone or an image size it cannot take
+        raise DcqError(f"checkpoint's model entry cannot be built: {exc}") from None
     try:
         encoder.load_state_dict(ckpt[which])
     except RuntimeError as exc:
@@ -84,12 +99,31 @@ def build_eval_encoder(ckpt: dict[str, Any], prefer: str = "weight_generator") -
     return encoder, info
 
 
+STEP_PATTERN = re.compile(r"step_(\d+)\.pt")
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a training checkpoint's file name (exactly ``step_<digits>.pt``), else None: stray
+    names such as ``step_backup.pt`` or ``step_00000010 (copy).pt`` are not checkpoints."""
+    match = STEP_PATTERN.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
-    """The `step_<N>.pt` training checkpoints in `directory`, oldest (smallest N) first."""
-    return sorted(Path(directory).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    """The training checkpoints in `directory`, oldest first: by modification time, then step, so
+    that after a rollback the checkpoints written last count as the newest, whatever their step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        step = checkpoint_step(path)
+        if step is not None and path.is_file():
+            found.append((path.stat().st_mtime_ns, step, path))
+    return [path for _, _, path in sorted(found)]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest `step_*.pt` training checkpoint in `directory`, or None."""
+    """The newest training checkpoint in `directory`, or None."""
     found = checkpoint_files(directory)
     return found[-1] if found else None

@@ -2,7 +2,8 @@
 
 Every sub-command module exposes ``configure_<name>(parser)`` and ``run_<name>(args) -> int``.
 Modules are imported only when their command runs, so `dcq --help` stays fast. User errors
-(`DcqError`, missing files) become one line on stderr and exit code 2, never a traceback.
+(`DcqError`, file errors, running out of memory) become one line on stderr and exit code 2, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from dcq.errors import DcqError
+from dcq.errors import DcqError, one_line
 
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         result = getattr(module, f"run_{args.command}")(args)
         return int(result or 0)
     except DcqError as exc:
-        print(f"dcq {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dcq {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"dcq {args.command}: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only folder, full disk, a path that is a file or a folder, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"dcq {args.command}: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"dcq {args.command}: error: out of memory; use a smaller model, batch or dataset", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dcq {args.command}: interrupted", file=sys.stderr)

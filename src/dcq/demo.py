@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -78,14 +79,13 @@ def ensure_dataset(args, say) -> Path:
     say(f"synthesising {args.identities} identities ({DEMO_DATA['profile']} profile) into {folder} ...")
     t0 = time.time()
     stats = synthesize(folder, profile=DEMO_DATA["profile"], identities=args.identities,
-                       image_size=DEMO_DATA["image_size"], fmt="rec", seed=args.seed, progress=True,
+                       image_size=DEMO_DATA["image_size"], fmt="rec", seed=args.seed, progress=sys.stderr.isatty(),
                        workers=max(1, min(2, os.cpu_count() or 1)))
     say(f"  {stats['images']} training images in {time.time() - t0:.1f}s")
     return folder
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
 
     from dcq.data import read_bin
     from dcq.eval import verify_pairs
@@ -93,11 +93,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from dcq.eval.plots import plot_longtail, plot_roc
     from dcq.eval.verification import cosine_scores, roc_curve_points
     from dcq.experiment import train_and_evaluate
+    from dcq.resources import set_threads
 
     if args.steps < 1:
         raise DcqError("--steps must be >= 1")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -120,7 +121,8 @@ def run_demo(args: argparse.Namespace) -> int:
                     "eval_bins": [], "output": str(out / "runs" / name), "seed": args.seed,
                     "threads": args.threads}
         print(f"training {name} for {args.steps} steps (cpunet, {size}px, batch {settings['batch_size']}) ...")
-        summary, ev = train_and_evaluate(settings, "demo", bins=[val_bin], dataset=data_dir)
+        # the demo regenerates its report folder, so an earlier demo's run is replaced
+        summary, ev = train_and_evaluate(settings, "demo", bins=[val_bin], dataset=data_dir, overwrite=True)
         train_seconds[name] = summary["train_seconds"]
         metrics[name] = ev.verification[val_bin.stem]
         curves[name.upper() if name != "pfc" else "Partial FC"] = roc_curve_points(*ev.scores[val_bin.stem])[:2]

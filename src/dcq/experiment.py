@@ -20,11 +20,12 @@ from dcq.eval.pipeline import CheckpointEvaluation, evaluate_checkpoint
 
 
 def train_and_evaluate(settings: dict[str, Any], source: str = "experiment", bins=(), dataset=None,
-                       batch_size: int = 256) -> tuple[dict[str, Any], CheckpointEvaluation]:
+                       batch_size: int = 256, overwrite: bool = False) -> tuple[dict[str, Any], CheckpointEvaluation]:
     """Train with config `settings` (TrainConfig keys), then evaluate its final checkpoint on `bins`
-    (verification) and `dataset` (long-tail report). Returns (training summary, evaluation)."""
+    (verification) and `dataset` (long-tail report). Returns (training summary, evaluation).
+    `overwrite` replaces an earlier run in the output folder (otherwise such a folder is refused)."""
     from dcq.train.config import build_config
     from dcq.train.loop import train
 
-    summary = train(build_config(settings, source=source))
+    summary = train(build_config(settings, source=source), overwrite=overwrite)
     return summary, evaluate_checkpoint(summary["final"], bins, dataset, batch_size=batch_size)

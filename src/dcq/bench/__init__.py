@@ -31,7 +31,8 @@ Memory (bytes of live tensors, the same quantity on every device):
   overhead or scratch memory a kernel allocates internally.
 
 A size whose estimated need exceeds the memory budget (available RAM on CPU, free device memory on
-CUDA, or ``--memory-budget``) is not allocated and is reported as out of memory; so is a CUDA OOM.
+CUDA) is not allocated and is reported as out of memory, as is a CUDA OOM; one over ``--memory-budget``
+is reported as ``over --memory-budget (needs X)``.
 
 Modules: `cli` (the command), `heads` (cases, estimates, the runner, the benchmark), `memory`
 (state counts, the live-tensor tracker, budgets, out-of-memory handling, timing), `report` (table,

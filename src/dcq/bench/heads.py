@@ -31,6 +31,7 @@ from dcq.bench.report import check_output_path, row_label
 from dcq.bench.units import format_bytes, parse_bytes, parse_counts
 from dcq.errors import DcqError
 from dcq.momentum import MomentumEncoder
+from dcq.resources import set_threads
 from dcq.train.step import TrainStep
 
 
@@ -268,7 +269,7 @@ def bench_heads(cfg: HeadsConfig, log: Callable[[str], None] = lambda m: None) -
     cfg.validate()
     device = torch.device(cfg.device)
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
     amp_dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
     emb_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     rows: list[dict[str, Any]] = []
@@ -284,10 +285,13 @@ def bench_heads(cfg: HeadsConfig, log: Callable[[str], None] = lambda m: None) -
         budget = cfg.memory_budget if cfg.memory_budget is not None else int(
             BUDGET_SHARE * available_memory(device))
         groups, oom = plan_groups(cases, reference, estimate, budget)
-        results: dict[HeadCase, dict[str, Any]] = {c: {"error": OOM} for c in oom}
+        results: dict[HeadCase, dict[str, Any]] = {}
         for c in oom:
             s, t = estimate(c)
-            log(f"[{n}] {c.label}: needs ~{format_bytes(s + t)}, budget {format_bytes(budget)}: {OOM}")
+            # A budget the user set is not the machine running out: say which limit refused the head.
+            error = OOM if cfg.memory_budget is None else f"over --memory-budget (needs {format_bytes(s + t)})"
+            results[c] = {"error": error}
+            log(f"[{n}] {c.label}: needs ~{format_bytes(s + t)}, budget {format_bytes(budget)}: {error}")
         grouping.append({"classes": n, "budget_bytes": budget,
                          "groups": [[c.label for c in g] for g in groups]})
         batches = make_batches(4, cfg.batch, cfg.dim, n, device, emb_dtype, cfg.seed + n) if groups else []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -13,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from dcq.resources import available_memory  # noqa: F401  (its home is below training and benchmarks)
 
 OOM = "out of memory"
 FLOAT_BYTES = 4
@@ -105,24 +106,6 @@ class LiveTensorTracker(TorchDispatchMode):
             if torch.is_tensor(t) and _storage_key(t) not in inputs:
                 self._track(t)
         return out
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free to allocate now: CUDA free memory, or the kernel's MemAvailable on CPU."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse anything
 
 
 def is_oom(exc: BaseException) -> bool:

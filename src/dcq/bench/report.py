@@ -68,7 +68,7 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
         n = max(refs)
         for row in rows:
             if row["classes"] == n and row["head"] in ("fc", "pfc"):
-                what = "out of memory" if row.get("error") else (
+                what = row["error"] if row.get("error") else (
                     f"state {_ratio(row['state_bytes'], refs[n]['state_bytes'])} dcq's")
                 lines.append(f"{row_label(row)} at {n:,} classes: {what}")
     fcs = sorted((r["classes"], r["state_bytes"]) for r in rows if r["head"] == "fc" and not r.get("error"))
@@ -124,7 +124,7 @@ def save_plot(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = 
     for key, items in series.items():
         ok = [r for r in items if not r.get("error")]
         oom = [r["classes"] for r in items if r.get("error")]
-        label = key + (f" (OOM at {', '.join(f'{n:.0e}' for n in oom)})" if oom else "")
+        label = key + (f" (not run at {', '.join(f'{n:.0e}' for n in oom)})" if oom else "")
         if not ok:
             axes[0].plot([], [], marker="x", linestyle="none", label=label)
             continue

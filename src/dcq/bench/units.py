@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from dcq.errors import DcqError
+from dcq.resources import format_bytes  # noqa: F401  (its home is below training and benchmarks)
 
 
 def parse_count(text: str, what: str = "--classes") -> int:
@@ -42,14 +43,3 @@ def parse_bytes(text: str, what: str = "--memory-budget") -> int:
     if not value > 0 or not math.isfinite(value):
         raise DcqError(f"{what}: {text!r} is not a size in bytes; give e.g. 8G, 512M or 1e9")
     return int(value)
-
-
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

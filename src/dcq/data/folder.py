@@ -41,7 +41,14 @@ class ImageFolderDataset:
             dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
         for name in dirs:
             with os.scandir(os.path.join(self.root, name)) as it:
-                files = sorted(e.name for e in it if e.is_file() and is_image_file(e.name))
+                entries = list(it)
+            files = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
+            for sub in sorted(e.path for e in entries if e.is_dir() and not e.name.startswith(".")):
+                if _any_image_below(sub):
+                    raise DcqError(
+                        f"{sub}: images in a sub-folder of identity {name!r} would not be read; the layout is "
+                        "root/<identity>/<image>: move them up into the identity folder or make it an identity"
+                    )
             if not files:
                 continue
             label = len(names)
@@ -102,6 +109,14 @@ class ImageFolderDataset:
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({self.root!r}, images={len(self)}, identities={self.num_identities})"
+
+
+def _any_image_below(folder: str) -> bool:
+    for _dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(is_image_file(f) for f in filenames):
+            return True
+    return False
 
 
 def _has_identity_folders(path: Path) -> bool:

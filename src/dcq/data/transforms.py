@@ -65,9 +65,11 @@ def decode_image(data, image_size: int | None = None, *, where: str = "") -> np.
                     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the stored image is much larger.
                     pil.draft("RGB", (image_size, image_size))
                 img = np.array(pil.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
             loc = f" ({where})" if where else ""
             reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+            if isinstance(exc, Image.DecompressionBombError):
+                reason = f"too many pixels to decode safely (Pillow's decompression-bomb guard: {exc})"
             raise DcqError(
                 f"cannot decode image{loc}: {reason}; the record is corrupt or not JPEG/PNG/BMP — "
                 "re-create the file or train with on_bad_record='skip'"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from dcq.atomic import atomic_write
+from dcq.atomic import atomic_write, ensure_writable
 from dcq.errors import DcqError
 from dcq.tables import fmt_metric, markdown_table
 
@@ -114,8 +115,18 @@ def run_eval(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is not None and json_path.is_dir():
         raise DcqError(f"--json {json_path} is a directory; give a file name such as metrics.json")
+    for b in args.bin:
+        if not Path(b).is_file():
+            raise DcqError(f"--bin {b}: file not found")
     distractors = _load_distractors(args.distractors) if args.distractors else None
     device = _checked_device(args)
+    # Fail before the work, not after it, when a result cannot be written.
+    if json_path is not None:
+        ensure_writable(json_path)
+        if args.dataset:
+            ensure_writable(json_path.with_name(json_path.stem + ".longtail.json"))
+    if args.plots:
+        ensure_writable(Path(args.plots) / "roc.png")
     ev = evaluate_checkpoint(args.checkpoint, args.bin, args.dataset, batch_size=args.batch_size, device=device,
                              flip=not args.no_flip, n_folds=args.folds, progress=sys.stderr.isatty())
     print(encoder_description(ev.info))
@@ -151,9 +162,14 @@ def _load_distractors(path):
     if not path.is_file():
         raise DcqError(f"--distractors {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        distractors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DcqError(f"--distractors {path}: not a .npy embedding array ({exc})") from None
+    bad = _non_finite_rows(distractors)
+    if bad:
+        raise DcqError(f"--distractors {path}: {bad} of {len(distractors)} embeddings hold NaN or Inf; "
+                       "re-create the file with `dcq embed`")
+    return distractors
 
 
 def _dataset_report(ev, distractors) -> dict:
@@ -175,6 +191,14 @@ def _dataset_report(ev, distractors) -> dict:
               ", ".join(f"rank-{k} {fmt_metric(v)}" for k, v in result["rank"].items()))
         out["identification"] = result
     return out
+
+
+def _non_finite_rows(array, chunk: int = 65536) -> int:
+    import numpy as np
+
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        return 0  # the identification code reports the shape/dtype
+    return sum(int((~np.isfinite(array[i:i + chunk])).any(axis=1).sum()) for i in range(0, len(array), chunk))
 
 
 # --------------------------------------------------------------------------- dcq embed
@@ -215,10 +239,14 @@ def run_embed(args: argparse.Namespace) -> int:
         raise DcqError(f"--out {out}: must end in .npy (names are written to {out.with_suffix('.txt').name})")
     files = collect_images(args.images)
     encoder, info, _, device = _encoder(args)
+    names_path = out.with_suffix(".txt")
+    ensure_writable(out)
+    ensure_writable(names_path)
     print(encoder_description(info))
     size = info["image_size"]
     emb = None
-    with tqdm(total=len(files), desc="embedding", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=len(files), desc="embedding", unit="img", dynamic_ncols=True,
+              disable=not sys.stderr.isatty()) as bar:
         for start in range(0, len(files), args.batch_size):
             batch = files[start:start + args.batch_size]
             images = np.stack([decode_image(_read(f), size, where=str(f)) for f in batch])
@@ -227,7 +255,6 @@ def run_embed(args: argparse.Namespace) -> int:
                 emb = np.empty((len(files), e.shape[1]), dtype=np.float32)
             emb[start:start + len(batch)] = e
             bar.update(len(batch))
-    names_path = out.with_suffix(".txt")
     atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
     atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
     print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {names_path}")
@@ -256,6 +283,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from dcq.data.transforms import decode_image
     from dcq.eval.embedding import embed_images
 
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise DcqError(f"--threshold {args.threshold}: give a finite cosine threshold, e.g. 0.3")
     for p in (args.image_a, args.image_b):
         if not Path(p).is_file():
             raise DcqError(f"{p}: image not found")
@@ -264,7 +293,13 @@ def run_verify(args: argparse.Namespace) -> int:
     if threshold is None:
         raise DcqError(f"{args.checkpoint} stores no verification threshold (it was trained without eval_bins); "
                        "pass --threshold T, e.g. the 'threshold' that `dcq eval --json` reports")
-    threshold = float(threshold)
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not math.isfinite(threshold):
+        raise DcqError(f"{args.checkpoint} stores an unusable threshold ({ckpt.get('threshold')!r}); "
+                       "pass --threshold T, e.g. the 'threshold' that `dcq eval --json` reports")
     size = info["image_size"]
     images = np.stack([decode_image(_read(Path(p)), size, where=p) for p in (args.image_a, args.image_b)])
     emb = embed_images(encoder, images, batch_size=2, flip=not args.no_flip, device=device)

@@ -1,4 +1,4 @@
-"""`dcq train CONFIG.yaml [--set key=value ...] [--resume [PATH]]` (also under torchrun)."""
+"""`dcq train CONFIG.yaml [--set key=value ...] [--resume [PATH]] [--overwrite]` (also under torchrun)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set lr=0.05 --set head=pfc (repeatable)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                        help="continue from the latest step_*.pt in the output dir, or from PATH")
+                        help="continue from the newest step_*.pt in the output dir, or from PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier run in the output folder (without it, a used folder is refused)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -25,7 +27,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     from dcq.train.loop import train
 
-    summary = train(cfg, resume=args.resume, log_fn=None)
+    summary = train(cfg, resume=args.resume, log_fn=None, overwrite=args.overwrite)
     if summary["final"] is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
     for name, m in (summary.get("metrics") or {}).items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -96,6 +97,9 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise DcqError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key, value in self.to_dict().items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DcqError(f"config: {key}={value} must be a finite number")
         positive = ["embedding_size", "image_size", "batch_size", "scale", "lr", "epochs", "num_references",
                     "bn_splits", "log_every", "eval_batch_size"]
         for key in positive:
@@ -117,6 +121,11 @@ class TrainConfig:
         if self.queue_fraction > 1:
             raise DcqError(f"config: queue_fraction={self.queue_fraction} must be in (0, 1]; "
                            "for a count of entries use queue_size")
+        if self.batch_size < 2:
+            raise DcqError(f"config: batch_size={self.batch_size} is too small: BatchNorm needs at least 2 "
+                           "images per batch; use batch_size >= 2 (the paper uses 128 or more)")
+        _check_model(self.backbone, self.image_size)
+        _check_device(self.device)
         if self.keep_last < 1:
             raise DcqError(f"config: keep_last={self.keep_last} must be >= 1")
         return self
@@ -128,6 +137,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_model(backbone: str, image_size: int) -> None:
+    from dcq.models import BACKBONES, image_size_problem
+
+    if backbone not in BACKBONES:
+        close = difflib.get_close_matches(backbone, BACKBONES, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise DcqError(f"config: unknown backbone {backbone!r}; {hint}choose one of {', '.join(BACKBONES)}")
+    problem = image_size_problem(backbone, image_size)
+    if problem:
+        raise DcqError(f"config: image_size={image_size}: {problem}")
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DcqError(f"config: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -149,10 +181,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if origin in (typing.Union, types.UnionType):
             raise TypeError
         return _scalar(hint, value)
-    except (TypeError, ValueError):
-        raise DcqError(
-            f"config ({source}): {key}={value!r} is not a valid {getattr(hint, '__name__', hint)}"
-        ) from None
+    except (TypeError, ValueError, yaml.YAMLError):
+        what = "list such as [1, 2] or 1,2" if origin is list else f"{getattr(hint, '__name__', hint)}"
+        raise DcqError(f"config ({source}): {key}={value!r} is not a valid {what}") from None
 
 
 def _scalar(kind: type, value: Any) -> Any:
@@ -254,9 +285,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise DcqError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise DcqError(f"config file {path} is not UTF-8 text (byte {exc.start}); give a YAML file") from None
         except yaml.YAMLError as exc:
             raise DcqError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except OSError as exc:
+            raise DcqError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(loaded, dict):
             raise DcqError(f"config file {path} must be a mapping of key: value")
         values.update(loaded)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +28,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dcq import distributed
-from dcq.checkpoint import checkpoint_files, latest_checkpoint, load_checkpoint, save_checkpoint
+from dcq.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dcq.errors import DcqError
 from dcq.heads import DynamicClassQueue, FullFC, PartialFC
 from dcq.heads.base import Head
 from dcq.models import get_backbone
 from dcq.momentum import MomentumEncoder
+from dcq.resources import set_threads
+from dcq.train import resume_check
 from dcq.train.config import TrainConfig
+from dcq.train.divergence import DivergenceMonitor, TrainingDiverged, grad_norm
+from dcq.train.memory_check import check_fits
+from dcq.train.rundir import RunFolder, prune_checkpoints
 from dcq.train.step import TrainStep
 
 NAN_INJECTION_ENV = "DCQ_INJECT_NAN_STEP"  # fault-injection hook for tests: poison the loss at this step
-
-
-class TrainingDiverged(DcqError):
-    """The loss became NaN/Inf; training stopped before the optimiser step."""
+__all__ = ["Trainer", "TrainingDiverged", "train"]
 
 
 # -- data plumbing ----------------------------------------------------------------------------------
@@ -162,16 +165,19 @@ class StepRecord:
 class Trainer:
     """Builds everything from a TrainConfig and runs it; `run()` returns the final summary."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, log_fn=None):
-        from dcq.data import PairDataset, PairSampler, TrainTransform, open_dataset
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, log_fn=None, overwrite: bool = False):
+        from dcq.data import PairSampler, open_dataset
 
         self.cfg = cfg
         self.ctx = distributed.setup(cfg.device)
         self.device = self.ctx.device
         self.out = Path(cfg.output)
         self._log_fn = log_fn
+        self._notes: list[str] = []  # logged once the run folder is claimed
         if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+            used = set_threads(cfg.threads)
+            if used != cfg.threads:
+                self._notes.append(f"threads={cfg.threads} is more than the {used} CPUs here; using {used}")
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             if self.device.type == "cuda":
@@ -180,9 +186,16 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
 
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise DcqError("amp=fp16 needs CUDA; on CPU use amp=bf16 or amp=none")
         if not cfg.train_data:
             raise DcqError("config: train_data is empty; set it to a .rec file, a folder with train.rec, "
                            "or an image folder")
+        for bin_path in cfg.eval_bins:  # found now, not at the first evaluation hours later
+            if not Path(bin_path).is_file():
+                raise DcqError(f"config: eval_bins entry {bin_path} does not exist; fix the path or remove it")
+        if resume and resume != "latest" and not Path(resume).is_file():
+            raise DcqError(f"--resume {resume}: checkpoint not found")
         self.source = open_dataset(cfg.train_data)
         n_images, n_ids = len(self.source), int(self.source.num_identities)
         if n_images == 0 or n_ids == 0:
@@ -198,9 +211,27 @@ class Trainer:
                 f"process reads from {cfg.train_data}; lower batch_size or use more data"
             )
         self.sampler = _PositionedSampler(pairs, cfg.seed)
+        self.fingerprint = resume_check.dataset_fingerprint(cfg.train_data, self.source)
+        queue_size = resolve_queue_size(cfg, n_ids) if cfg.head == "dcq" else None
+        check_fits(cfg, n_ids, queue_size, self.device)
+        # Claim the output folder (lock, no mixing with an earlier run) before anything is written.
+        self.run_folder = RunFolder(self.out) if self.ctx.is_main else None
+        if self.run_folder is not None:
+            self.run_folder.claim(resume=bool(resume), overwrite=overwrite)
+        try:
+            self._build(cfg, pairs, resume)
+        except BaseException:
+            if self.run_folder is not None:
+                self.run_folder.release(started=False)
+            raise
+
+    def _build(self, cfg: TrainConfig, pairs, resume: str | None) -> None:
+        from dcq.data import PairDataset, TrainTransform
+
+        n_ids = int(self.source.num_identities)
         transform = TrainTransform(cfg.image_size, flip=cfg.flip)
         dataset = PairDataset(self.source, transform, num_references=cfg.references, preload=cfg.preload,
-                              on_bad_record=cfg.on_bad_record)
+                              on_bad_record=cfg.on_bad_record, progress=cfg.progress and _on_terminal())
         self.pair_dataset = dataset
         self.dataset = _SeededItems(dataset)
         self.steps_per_epoch = pairs.epoch_length // cfg.batch_size
@@ -220,8 +251,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
-        if cfg.amp == "fp16" and self.device.type != "cuda":
-            raise DcqError("amp=fp16 needs CUDA; on CPU use amp=bf16 or amp=none")
         self.train_step_fn = TrainStep(self.backbone, self.head, self.optimizer, self.generator, amp=cfg.amp,
                                        grad_clip=cfg.grad_clip, scaler=self.scaler, scheduler=self.scheduler,
                                        forward_model=self.model)
@@ -234,8 +263,17 @@ class Trainer:
         self.threshold: float | None = None
         self._eval_step = -1
         self.eval_history: list[dict[str, Any]] = []  # {"step", "<bin>": accuracy, ...} per evaluation
+        self._saved_step: int | None = None
+        self._resumed_in_place: int | None = None  # the step, when resumed from this run's own folder
         if resume:
             self._resume(resume)
+        self.monitor = DivergenceMonitor(self.backbone.parameters(), self.out,
+                                         lambda: latest_checkpoint(self.out) is not None)
+
+    def close(self) -> None:
+        """Unlock the output folder (also done when the process ends)."""
+        if self.run_folder is not None:
+            self.run_folder.release()
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -260,6 +298,7 @@ class Trainer:
             "identity_names": list(names) if (names := getattr(self.source, "identity_names", None)) else None,
             "metrics": self.last_metrics,
             "step": self.step,
+            "dataset": self.fingerprint,
         }
         if training:
             payload.update({
@@ -278,8 +317,8 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         path = save_checkpoint(self.out / f"step_{self.step:08d}.pt", self._payload())
-        for stale in checkpoint_files(self.out)[: -self.cfg.keep_last]:
-            stale.unlink(missing_ok=True)
+        prune_checkpoints(self.out, self.cfg.keep_last)
+        self._saved_step = self.step
         return path
 
     def _resume(self, resume: str) -> None:
@@ -289,17 +328,21 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         if "optimizer" not in ckpt:
             raise DcqError(f"{path} is an export without training state; resume from a step_*.pt checkpoint")
-        saved = ckpt.get("config", {})
-        for key in ("backbone", "embedding_size", "image_size", "head"):
-            if saved.get(key) != getattr(self.cfg, key):
-                raise DcqError(f"--resume {path}: checkpoint has {key}={saved.get(key)!r}, config has "
-                               f"{getattr(self.cfg, key)!r}; resume with the same config")
-        self.backbone.load_state_dict(ckpt["feature_extractor"])
-        if self.generator is not None:
-            self.generator.encoder.load_state_dict(ckpt["weight_generator"])
-        self.head.load_state_dict(ckpt["head"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        saved = resume_check.saved_config(ckpt)
+        cfg_values = self.cfg.to_dict()
+        self._notes += resume_check.check_compatible(path, ckpt, cfg_values, self.fingerprint)
+        try:
+            self.backbone.load_state_dict(ckpt["feature_extractor"])
+            if self.generator is not None:
+                self.generator.encoder.load_state_dict(ckpt["weight_generator"])
+            self.head.load_state_dict(ckpt["head"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DcqError(f"--resume {path}: the checkpoint's state does not fit this config ({first[:160]}); "
+                           "resume with the config it was written with") from None
+        changes = resume_check.apply_hyperparameters(self.optimizer, self.scheduler, cfg_values, saved)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["sampler"]["epoch"])
@@ -308,7 +351,12 @@ class Trainer:
         self.threshold = ckpt.get("threshold")
         self.last_metrics = ckpt.get("metrics") or {}
         restore_rng(ckpt["rng"])
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, item {self.position})")
+        self._saved_step = self.step
+        if path.parent.resolve() == self.out.resolve():
+            self._resumed_in_place = self.step
+        self._notes.append(f"resumed from {path} at step {self.step} (epoch {self.epoch}, item {self.position})")
+        if changes:
+            self._notes.append("resume applies changed optimiser settings: " + ", ".join(changes))
 
     # -- evaluation ---------------------------------------------------------------------------
     def eval_encoder(self) -> nn.Module:
@@ -357,33 +405,38 @@ class Trainer:
     def train_step(self, samples, references, labels) -> StepRecord:
         result = self.train_step_fn(samples, references, labels, loss_check=self._check_loss, device=self.device)
         self.step += 1
+        # fp16: the scaler skips steps with inf gradients by design; otherwise they mean divergence
+        norm = None if self.scaler.is_enabled() else grad_norm(self.backbone.parameters())
+        self.monitor.check_step(self.step, norm)
         return StepRecord(self.step, self.epoch, result.loss.item(), result.head.accuracy, result.lr)
 
     def _check_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Stop before the optimiser step when the loss is NaN/Inf (and the test hook that causes it)."""
         if os.environ.get(NAN_INJECTION_ENV) == str(self.step + 1):
             loss = loss * float("nan")
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.step + 1}; training stopped before the optimiser step, "
-                f"the last good checkpoint in {self.out} is untouched (lower lr or enable grad_clip)"
-            )
+        self.monitor.check_loss(self.step + 1, loss.item())
         return loss
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         writer = None
+        if self.run_folder is not None:
+            self._notes = self.run_folder.begin(self._resumed_in_place) + self._notes
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tb"))
             (self.out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+        for note in self._notes:
+            self.log(note)
         self.log(f"training {cfg.head} on {cfg.train_data}: {len(self.source)} images, "
                  f"{self.source.num_identities} identities, {self.steps_per_epoch} steps/epoch, "
                  f"{self.total_steps} steps, device {self.device}")
         bar = None
-        if self.ctx.is_main and cfg.progress:
+        # A bar on a terminal; plain lines every log_every steps when output goes to a file.
+        self._print_lines = self.ctx.is_main and cfg.progress and not _on_terminal()
+        if self.ctx.is_main and cfg.progress and _on_terminal():
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
@@ -409,12 +462,14 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     end_of_epoch = self.position + cfg.batch_size > self.sampler.pairs.epoch_length
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self.evaluate(writer)
-                    elif not cfg.eval_every and end_of_epoch:
-                        self.evaluate(writer)
+                    evaluate = (self.step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
+                    # Checkpoint first: an evaluation that fails must not lose the steps since the last one.
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save()
+                    if evaluate:
+                        self.evaluate(writer)
+                        if self._saved_step == self.step and self.cfg.eval_bins:
+                            self.save()  # again, now holding this evaluation's threshold and metrics
                     if self.step >= self.total_steps or end_of_epoch:
                         break
         finally:
@@ -424,9 +479,12 @@ class Trainer:
                 steps_file.close()
             if getattr(self.pair_dataset, "bad_records", 0):
                 self.log(f"skipped {self.pair_dataset.bad_records} undecodable records")
+        if self._saved_step != self.step:
+            self.save()
         if self._eval_step != self.step:
             self.evaluate(writer)
-        self.save()
+            if self.cfg.eval_bins:
+                self.save()
         final = None
         if self.ctx.is_main:
             final = save_checkpoint(self.out / "final.pt", self._payload(training=False))
@@ -452,8 +510,15 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{rec.loss:.3f}", acc=f"{rec.accuracy:.2f}", lr=f"{rec.lr:.3g}",
                             sps=f"{rate:.0f}")
-        self.log(f"step {rec.step} epoch {rec.epoch} loss {rec.loss:.4f} acc {rec.accuracy:.3f} "
-                 f"lr {rec.lr:.4g} {rate:.0f} samples/s" + "".join(f" {k} {v:.3g}" for k, v in extra.items()))
+        line = (f"step {rec.step} epoch {rec.epoch} loss {rec.loss:.4f} acc {rec.accuracy:.3f} "
+                f"lr {rec.lr:.4g} {rate:.0f} samples/s" + "".join(f" {k} {v:.3g}" for k, v in extra.items()))
+        self.log(line)
+        if getattr(self, "_print_lines", False) and self._log_fn is None:
+            print(f"{line} ({rec.step}/{self.total_steps})", flush=True)
+
+
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def _yaml_dump(values: dict) -> str:
@@ -462,9 +527,14 @@ def _yaml_dump(values: dict) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, log_fn=None) -> dict[str, Any]:
-    trainer = Trainer(cfg, resume=resume, log_fn=log_fn)
+def train(cfg: TrainConfig, resume: str | None = None, log_fn=None, overwrite: bool = False) -> dict[str, Any]:
+    """Train `cfg` into `cfg.output`; `resume` = "latest" or a checkpoint path; `overwrite` replaces an
+    earlier run in that folder (without it, a used folder is refused)."""
     try:
-        return trainer.run()
+        trainer = Trainer(cfg, resume=resume, log_fn=log_fn, overwrite=overwrite)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         distributed.cleanup()

@@ -1,0 +1,183 @@
+"""The output folder of one training run: a lock, a refusal to mix runs, and its checkpoints.
+
+- one ``dcq train`` per folder at a time: an advisory lock on ``.dcq.lock``, released by the kernel
+  when the process dies, so a ``kill -9`` never leaves the folder locked;
+- a folder that already holds a run (checkpoints, ``final.pt`` or ``steps.jsonl``) is refused unless
+  the run is resumed or ``--overwrite`` asks for the earlier run's files to be removed first;
+- temporary files that a killed writer left behind (``.NAME.*.tmp``) are removed on the next start;
+- training checkpoints are the files named exactly ``step_<digits>.pt``: stray names such as
+  ``step_backup.pt`` or ``step_00000010 (copy).pt`` are never read, counted or deleted. The newest is
+  the one written last (modification time, then step number), so a run that was rolled back to an
+  earlier checkpoint does not resume the abandoned branch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dcq.checkpoint import checkpoint_files, checkpoint_step
+from dcq.errors import DcqError
+
+LOCK_NAME = ".dcq.lock"
+RUN_FILES = ("final.pt", "best.pt", "steps.jsonl", "train.log", "config.yaml")
+RUN_DIRS = ("tb",)
+TMP_PATTERN = re.compile(r"\..+\.tmp")
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest training checkpoints; returns what was deleted."""
+    stale = checkpoint_files(directory)[:-keep_last] if keep_last > 0 else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def set_aside_later_checkpoints(directory: str | os.PathLike, step: int) -> list[Path]:
+    """Rename checkpoints beyond `step` (the abandoned branch of a rolled-back run) to
+    ``abandoned_step_*.pt`` so that neither `--resume` nor pruning mistakes them for this run's."""
+    moved = []
+    for path in checkpoint_files(directory):
+        if checkpoint_step(path) > step:
+            target = path.with_name(f"abandoned_{path.name}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def holds_run(directory: str | os.PathLike) -> bool:
+    directory = Path(directory)
+    return bool(checkpoint_files(directory)) or any((directory / n).exists() for n in ("final.pt", "steps.jsonl"))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.*.tmp`` files a killed writer left in `directory` (call with the lock held)."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if TMP_PATTERN.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class RunFolder:
+    """Claims an output folder for one run: ``claim()`` locks it and checks it may take the run,
+    ``begin()`` prepares it when the run starts, ``release()`` unlocks it (and removes what
+    ``claim()`` created when the run never started)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory)
+        self._fd: int | None = None
+        self._created: list[Path] = []
+        self._replace = False
+
+    def claim(self, resume: bool, overwrite: bool) -> None:
+        """Lock the folder and check it may take this run; changes nothing in it (but for creating
+        the folder and lock file, removed again by ``release(started=False)``). Raises DcqError when
+        the folder is locked by another run, holds an earlier run (without resume/overwrite), or
+        cannot be written."""
+        self._make_folder()
+        self._lock()
+        self._replace = holds_run(self.path) and not resume
+        if self._replace and not overwrite:
+            self.release(started=False)
+            raise DcqError(
+                f"output folder {self.path} already holds a run (checkpoints, final.pt or steps.jsonl); "
+                "continue it with --resume, pass --overwrite to replace it, or set another output"
+            )
+
+    def begin(self, resume_step: int | None = None) -> list[str]:
+        """The run starts: record the lock holder, remove the earlier run (--overwrite), temporary
+        files of interrupted writes, and (resuming at `resume_step`) set aside checkpoints of an
+        abandoned later branch. Returns lines worth logging."""
+        notes = []
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # who holds the lock, for the message another run prints
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        if self._replace:
+            notes.append(f"--overwrite: removed {self._remove_run_files()} files of the earlier run in {self.path}")
+        stale = remove_stale_temporaries(self.path)
+        if stale:
+            notes.append(f"removed {len(stale)} temporary files left by an interrupted write: "
+                         + ", ".join(p.name for p in stale[:5]))
+        if resume_step is not None:
+            for moved in set_aside_later_checkpoints(self.path, resume_step):
+                notes.append(f"{moved.name}: a checkpoint ahead of step {resume_step} from an abandoned run, "
+                             "set aside")
+        self._created = []
+        return notes
+
+    def release(self, started: bool = True) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not started:
+            for path in self._created:
+                if path.is_dir():
+                    try:
+                        path.rmdir()  # only if still empty
+                    except OSError:
+                        pass
+                else:
+                    path.unlink(missing_ok=True)
+            self._created = []
+
+    # -- internals --------------------------------------------------------------------------
+    def _make_folder(self) -> None:
+        missing = []
+        for parent in [self.path, *self.path.parents]:
+            if parent.exists():
+                break
+            missing.append(parent)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise DcqError(f"output {self.path} is a file, not a folder; set output to a folder") from None
+        except OSError as exc:
+            raise DcqError(f"cannot create output folder {self.path}: {exc.strerror or exc}") from None
+        if not self.path.is_dir():
+            raise DcqError(f"output {self.path} is a file, not a folder; set output to a folder")
+        self._created = missing  # deepest first, so rmdir works from the inside out
+
+    def _lock(self) -> None:
+        lock_path = self.path / LOCK_NAME
+        existed = lock_path.exists()
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            self.release(started=False)
+            raise DcqError(f"cannot write to output folder {self.path}: {exc.strerror or exc}") from None
+        if not existed:
+            self._created.insert(0, lock_path)
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; run unlocked
+            self._fd = fd
+            return
+        try:
+            # A POSIX record lock (not flock): DataLoader workers forked from this process do not
+            # inherit it, so it ends exactly when this process does, kill -9 included.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise DcqError(f"output folder {self.path} is in use by another dcq train{who}; wait for it "
+                           "to finish or set another output") from None
+        self._fd = fd
+
+    def _remove_run_files(self) -> int:
+        count = 0
+        for path in checkpoint_files(self.path) + [self.path / n for n in RUN_FILES]:
+            if path.is_file():
+                path.unlink()
+                count += 1
+        for name in RUN_DIRS:
+            if (self.path / name).is_dir():
+                shutil.rmtree(self.path / name)
+                count += 1
+        return count
