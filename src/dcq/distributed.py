@@ -1,14 +1,17 @@
-"""Multi-process training under torchrun: the single-process code path plus collectives.
+"""Multi-process helpers: process-group setup and the few collectives the heads and trainer use.
 
-World size 1 (plain `dcq train`) never calls `init_process_group`. Under torchrun (RANK,
-WORLD_SIZE, LOCAL_RANK set) the backbone is wrapped in DistributedDataParallel, every rank reads a
-disjoint share of each epoch, the DCQ head enqueues the class weights generated on *all* ranks (so
-every rank holds the same queue, as in the official implementation), and only rank 0 logs, evaluates
-and writes checkpoints.
+The distributed code paths are the single-process ones plus collectives: with world size 1 (plain
+`dcq train`, no torchrun) nothing here calls `init_process_group`, and every helper returns its
+input unchanged. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) `setup` joins the process group
+with a bounded collective timeout, so a lost rank ends the others with an error instead of a hang.
+
+This module sits below `heads/`: heads take `distributed=True` as a constructor option and call
+these helpers themselves; the trainer never injects anything into a head.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -44,8 +47,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def setup(device: str) -> DistContext:
-    """Read torchrun's environment; initialise the process group only when WORLD_SIZE > 1."""
+def setup(device: str, timeout: float = 600.0) -> DistContext:
+    """Read torchrun's environment; initialise the process group only when WORLD_SIZE > 1.
+
+    `timeout` (seconds) bounds every collective: when another rank dies or hangs, the collective
+    this rank is waiting in fails after at most that long (gloo usually notices a killed peer at
+    once, through the closed connection).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,21 +62,109 @@ def setup(device: str) -> DistContext:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+            # NCCL only raises on a timed-out collective with asynchronous error handling on.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout)))
+        except (RuntimeError, ValueError) as exc:
+            raise DcqError(f"rank {rank} of {world}: could not join the process group within {timeout:g}s "
+                           f"({first_line(exc)}); check MASTER_ADDR/MASTER_PORT or torchrun's --rdzv flags") from None
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+class CollectiveFailure(DcqError):
+    """A collective failed: another rank died, hung past the timeout, or its connection closed.
+
+    The process group is unusable afterwards and its backend threads may abort a normal interpreter
+    exit, so the command line reports this in one line and leaves with `os._exit`.
+    """
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is what a collective raises when a peer died, hung past the timeout or closed."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out",
+                                  "Timed out", "Broken pipe", "Socket"))
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0, in rank order (no gradient)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
+def all_gather_rows(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate row blocks of different lengths (`counts[r]` rows on rank r) in rank order."""
+    if not is_distributed():
+        return tensor
+    longest = max(counts)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = all_gather_cat(padded).split(longest)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward returns this rank's rows of the gradient summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        ctx.rows, ctx.grad_scale = tensor.shape[0], grad_scale
+        return all_gather_cat(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows] * ctx.grad_scale, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
+    """All-gather along dim 0 that carries gradients back to every rank's own rows.
+
+    Every rank must pass the same number of rows. The backward sums the gradient of a row over all
+    ranks (each rank's loss may use every row) and multiplies it by `grad_scale`.
+    """
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor, float(grad_scale))
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks (a detached copy; the input is left as it is)."""
+    if not is_distributed():
+        return tensor.detach()
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
 def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -76,10 +172,10 @@ def broadcast_object(obj, src: int = 0):
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

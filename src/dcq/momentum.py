@@ -8,12 +8,14 @@ the same average, integer buffers (num_batches_tracked) are copied.
 
 Keys are computed with BatchNorm in *train* mode, as the official DCQ/MoCo code does. Shuffle-BN:
 the reference batch holds the same identities, in the same order, as the sample batch, so batch
-statistics could leak which item is which. MoCo breaks that by shuffling the key batch across GPUs
-before BN and unshuffling after. With one process, `bn_splits=G` does the single-process
-equivalent: the batch is permuted and split into G groups, each normalised with its own statistics,
-then restored to the original order (G=1, the default, is plain BN over the whole batch).
-Under torchrun each rank computes the keys of its own share of the batch with that share's
-statistics (no cross-rank shuffle).
+statistics could leak which item is which.
+- With one process, `bn_splits=G` permutes the batch, splits it into G groups, normalises each with
+  its own statistics and restores the original order (G=1, the default, is plain BN).
+- With several processes, `shuffle_bn=True` does what MoCo's `_batch_shuffle_ddp` does: every rank
+  all-gathers the reference batch, permutes the global batch with a permutation drawn from a seed
+  that all ranks share, computes keys for its own slice of the permuted batch (so BatchNorm sees
+  items of every rank), all-gathers the keys and takes back its own items in their original order.
+  `bn_splits` still splits each rank's slice. Without a process group it does nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import copy
 import torch
 from torch import nn
 
+from dcq import distributed
+
 
 class MomentumEncoder(nn.Module):
-    def __init__(self, encoder: nn.Module, momentum: float = 0.999, bn_splits: int = 1):
+    def __init__(self, encoder: nn.Module, momentum: float = 0.999, bn_splits: int = 1, shuffle_bn: bool = False):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -33,6 +37,7 @@ class MomentumEncoder(nn.Module):
             raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
         self.momentum = float(momentum)
         self.bn_splits = int(bn_splits)
+        self.shuffle_bn = bool(shuffle_bn)
         self.encoder = copy.deepcopy(encoder)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
@@ -54,7 +59,15 @@ class MomentumEncoder(nn.Module):
             torch._foreach_lerp_(ema_k, ema_q, 1.0 - m)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """Keys of `images`. `seed` picks the cross-rank permutation and must be equal on every rank
+        (the trainer passes one derived from the config seed and the step); None draws it from
+        rank 0's global RNG."""
+        if self.shuffle_bn and distributed.is_distributed():
+            return self._across_ranks(images, seed)
+        return self._local(images)
+
+    def _local(self, images: torch.Tensor) -> torch.Tensor:
         if self.bn_splits == 1 or images.shape[0] < 2 * self.bn_splits:
             return self.encoder(images)
         perm = torch.randperm(images.shape[0], device=images.device)
@@ -62,3 +75,16 @@ class MomentumEncoder(nn.Module):
         out = torch.empty_like(shuffled)
         out[perm] = shuffled
         return out
+
+    def _across_ranks(self, images: torch.Tensor, seed: int | None) -> torch.Tensor:
+        local, rank = images.shape[0], distributed.rank()
+        everything = distributed.all_gather_cat(images)  # (W * b, ...) in rank order
+        if seed is None:
+            seed = distributed.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
+        perm = torch.randperm(everything.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+        perm = perm.to(images.device)
+        mine = perm[rank * local : (rank + 1) * local]  # global positions of the items this rank encodes
+        keys = distributed.all_gather_cat(self._local(everything[mine]))  # keys[j] belongs to item perm[j]
+        out = torch.empty_like(keys)
+        out[perm] = keys
+        return out[rank * local : (rank + 1) * local]

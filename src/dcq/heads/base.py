@@ -18,18 +18,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dcq.heads.sharding import ClassShard
+
 
 @dataclass
 class HeadOutput:
     loss: torch.Tensor  # scalar mean cross-entropy
     logits: torch.Tensor  # (B, C) scaled logits, margin applied to the target column; -inf = masked
     targets: torch.Tensor  # (B,) column of each row's positive in `logits`
+    # Heads sharded over ranks: `logits` are this rank's columns for the global batch, `targets` is
+    # -1 where a row's positive is on another rank, and `hits` says per row whether the positive won.
+    hits: torch.Tensor | None = None
 
     @property
     def accuracy(self) -> float:
         """Share of rows whose positive column wins (the head's training accuracy)."""
         if self.logits.shape[0] == 0:
             return 0.0
+        if self.hits is not None:
+            return self.hits.float().mean().item()
         return (self.logits.argmax(dim=1) == self.targets).float().mean().item()
 
 
@@ -45,6 +52,22 @@ class Head(nn.Module):
     def metrics(self) -> dict[str, float]:
         """Head-specific training metrics, logged beside the loss (name -> value)."""
         return {}
+
+    shard: ClassShard | None = None  # heads with class centres sharded over ranks set this
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        """Parameters holding only this rank's rows of the class centres (empty unless sharded).
+
+        Their optimiser state is sharded the same way: `gather_rows` (a collective) turns such a
+        tensor into the full N rows for a checkpoint, `local_rows` takes this rank's rows back.
+        """
+        return []
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.shard.gather(tensor) if self.shard is not None else tensor
+
+    def local_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.shard.take(tensor) if self.shard is not None else tensor
 
 
 def check_labels(labels: torch.Tensor, batch: int, num_classes: int | None = None) -> torch.Tensor:

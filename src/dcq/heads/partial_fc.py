@@ -10,7 +10,13 @@ head acts only for the optimiser that holds its `sub_weight`. Rows not sampled k
 their weight *and* their momentum, exactly like insightface's single-GPU Partial FC. The full
 matrices live in buffers `weight` (N, d) and `state_<name>` (N, d), so a checkpoint holds them.
 
-Single process; the multi-GPU variant would shard `weight` over ranks and sample per shard.
+With `distributed=True` (under torchrun) the centres are sharded over ranks like insightface's
+Partial FC v2: each rank holds N/W rows of `weight` and of the optimiser-state buffers, the
+embeddings and labels of the global batch are all-gathered, and the softmax is computed across
+ranks. The sampled classes are a function of the seed, the step and the global batch only: every
+rank draws the same scores for all N classes, forces the global batch's positives in, and keeps
+the chosen classes that fall in its own rows. The sampled set is therefore the same at every world
+size, and so is the loss.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from dcq.heads.base import Head, check_labels
-from dcq.heads.full_fc import margin_softmax
+from dcq.heads.full_fc import gather_batch, margin_softmax
+from dcq.heads.sharding import ClassShard, add_state_dict_sharding, init_centres
 from dcq.margins import make_margin
 
 
@@ -37,6 +44,7 @@ class PartialFC(Head):
         margin: float = 0.5,
         margin_type: str = "arcface",
         seed: int = 0,
+        distributed: bool = False,
     ):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -46,18 +54,25 @@ class PartialFC(Head):
         self.sample_rate = float(sample_rate)
         self.num_sample = max(1, math.ceil(self.sample_rate * self.num_classes))
         self.margin = make_margin(margin_type, scale, margin)
-        self.register_buffer("weight", torch.normal(0.0, 0.01, (self.num_classes, self.embedding_size)))
-        self.sub_weight = nn.Parameter(self.weight[: min(self.num_sample, self.num_classes)].clone())
+        self.shard = ClassShard.for_this_rank(self.num_classes, distributed)
+        self.register_buffer("weight", init_centres(self.num_classes, self.embedding_size, self.shard.start,
+                                                    self.shard.stop, seed))
+        self.sub_weight = nn.Parameter(self.weight[: min(self.num_sample, self.shard.rows)].clone())
         self.generator = torch.Generator().manual_seed(int(seed))
         self._pending: torch.Tensor | None = None  # index whose sub_weight awaits an optimiser step
         self._set_slot(self.sub_weight)
         _LIVE_HEADS.add(self)
         self._register_state_dict_hook(_drop_sub_weight)
         self.register_load_state_dict_post_hook(_ignore_missing_sub_weight)
+        add_state_dict_sharding(self, lambda name: name == "weight" or name.startswith("state_"))
 
     # -- sampling -------------------------------------------------------------------------------
     def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted class indices to use this step (all positives + random negatives) and remapped targets."""
+        """Sorted class indices to use this step (all positives + random negatives) and remapped targets.
+
+        `labels` is the global batch. Sharded: the indices are this rank's share of the sampled
+        classes, and a target is -1 where the row's class lives on another rank.
+        """
         positives = torch.unique(labels.cpu(), sorted=True)
         if self.num_sample >= self.num_classes:
             index = torch.arange(self.num_classes)
@@ -67,21 +82,29 @@ class PartialFC(Head):
             score = torch.rand(self.num_classes, generator=self.generator)
             score[positives] = 2.0  # positives always win
             index = torch.topk(score, self.num_sample).indices.sort().values
-        targets = torch.searchsorted(index, labels.cpu())
+        if self.shard.sharded:
+            index = index[(index >= self.shard.start) & (index < self.shard.stop)]
+            targets = self.shard.local_targets(labels.cpu())
+            found = targets >= 0
+            targets[found] = torch.searchsorted(index, labels.cpu()[found])
+        else:
+            targets = torch.searchsorted(index, labels.cpu())
         return index.to(labels.device), targets.to(labels.device)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, key: torch.Tensor | None = None):
         labels = check_labels(labels, embeddings.shape[0], self.num_classes).to(embeddings.device)
+        if self.shard.sharded:
+            embeddings, labels = gather_batch(embeddings, labels)
         index, targets = self.sample(labels)
-        rows = self.weight[index]
+        rows = self.weight[index - self.shard.start]
         if rows.shape == self.sub_weight.shape:
             with torch.no_grad():
                 self.sub_weight.copy_(rows)
         else:  # more positives than num_sample: a larger parameter for this step
             self.sub_weight = nn.Parameter(rows.clone())
-        self._pending = index
-        return margin_softmax(self.margin, embeddings, self.sub_weight, targets)
+        self._pending = index - self.shard.start
+        return margin_softmax(self.margin, embeddings, self.sub_weight, targets, sharded=self.shard.sharded)
 
     # -- optimiser plumbing ---------------------------------------------------------------------
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

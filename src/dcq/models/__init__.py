@@ -6,8 +6,9 @@ from torch import nn
 
 from dcq.models.cpunet import CPUNet
 from dcq.models.iresnet import LAYERS, IResNet
+from dcq.models.mlp import MLPNet
 
-BACKBONES = (*LAYERS, "cpunet")
+BACKBONES = (*LAYERS, "cpunet", "mlp")
 
 
 def image_size_problem(name: str, image_size: int) -> str | None:
@@ -20,7 +21,8 @@ def image_size_problem(name: str, image_size: int) -> str | None:
 
 
 def get_backbone(name: str, embedding_size: int = 512, image_size: int | None = None, **kwargs) -> nn.Module:
-    """A backbone by name: iresnet18/34/50/100 (112 px by default) or cpunet (40 px by default)."""
+    """A backbone by name: iresnet18/34/50/100 (112 px by default), cpunet (40 px by default), or mlp
+    (BatchNorm-free, for exactness tests)."""
     problem = image_size_problem(name, image_size) if image_size is not None else None
     if problem:
         raise ValueError(f"image_size={image_size}: {problem}")
@@ -28,7 +30,9 @@ def get_backbone(name: str, embedding_size: int = 512, image_size: int | None = 
         return IResNet(LAYERS[name], embedding_size=embedding_size, image_size=image_size or 112, **kwargs)
     if name == "cpunet":
         return CPUNet(embedding_size=embedding_size, image_size=image_size or 40, **kwargs)
+    if name == "mlp":
+        return MLPNet(embedding_size=embedding_size, image_size=image_size or 16, **kwargs)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
-__all__ = ["get_backbone", "image_size_problem", "IResNet", "CPUNet", "BACKBONES"]
+__all__ = ["get_backbone", "image_size_problem", "IResNet", "CPUNet", "MLPNet", "BACKBONES"]

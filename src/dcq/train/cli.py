@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:
@@ -10,7 +12,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set lr=0.05 --set head=pfc (repeatable)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                        help="continue from the newest step_*.pt in the output dir, or from PATH")
+                        help="continue from the newest step_*.pt in the output dir, or from PATH; "
+                             "'auto': the newest if there is one, else start fresh (for torchrun --max-restarts)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the earlier run in the output folder (without it, a used folder is refused)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -25,9 +28,14 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from dcq.distributed import CollectiveFailure
     from dcq.train.loop import train
 
-    summary = train(cfg, resume=args.resume, log_fn=None, overwrite=args.overwrite)
+    try:
+        summary = train(cfg, resume=args.resume, log_fn=None, overwrite=args.overwrite)
+    except CollectiveFailure as exc:  # a lost rank: one line, and no teardown of the broken process group
+        print(f"dcq {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
     if summary["final"] is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
     for name, m in (summary.get("metrics") or {}).items():

@@ -48,6 +48,7 @@ class TrainConfig:
     num_references: int = 2  # DCQ: k reference images averaged into one class weight (FC/PFC read 1)
     generator_momentum: float = 0.9  # weight generator EMA
     bn_splits: int = 1  # single-process shuffle-BN groups for the weight generator
+    shuffle_bn: bool = True  # under torchrun: shuffle the reference batch across ranks before BatchNorm
     # optimisation
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.1
@@ -83,6 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; 0 = only at epoch ends and the end
     keep_last: int = 3
     progress: bool = True
+    dist_timeout: float = 600.0  # seconds a rank waits in a collective before it gives up (lost rank)
 
     def validate(self) -> TrainConfig:
         choices = {
@@ -101,7 +103,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise DcqError(f"config: {key}={value} must be a finite number")
         positive = ["embedding_size", "image_size", "batch_size", "scale", "lr", "epochs", "num_references",
-                    "bn_splits", "log_every", "eval_batch_size"]
+                    "bn_splits", "log_every", "eval_batch_size", "dist_timeout"]
         for key in positive:
             if not getattr(self, key) > 0:
                 raise DcqError(f"config: {key}={getattr(self, key)!r} must be > 0")

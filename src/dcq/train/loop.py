@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dcq import distributed
+from dcq import distributed as dist_helpers
 from dcq.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dcq.errors import DcqError
 from dcq.heads import DynamicClassQueue, FullFC, PartialFC
@@ -96,8 +97,10 @@ def resolve_queue_size(cfg: TrainConfig, num_identities: int) -> int:
     return size
 
 
-def build_head(cfg: TrainConfig, num_identities: int, gather=None) -> Head:
-    """The configured head; `gather` (multi-process: an all-gather) keeps DCQ's queues identical."""
+def build_head(cfg: TrainConfig, num_identities: int, distributed: bool = False) -> Head:
+    """The configured head; `distributed`: DCQ all-gathers its enqueued keys so every rank holds the
+    same queue, FC and Partial FC shard their class centres over the ranks."""
+    gather = dist_helpers.all_gather_cat if distributed else None
     if cfg.head == "dcq":
         return DynamicClassQueue(
             embedding_size=cfg.embedding_size, queue_size=resolve_queue_size(cfg, num_identities),
@@ -106,9 +109,9 @@ def build_head(cfg: TrainConfig, num_identities: int, gather=None) -> Head:
         )
     if cfg.head == "fc":
         return FullFC(cfg.embedding_size, num_identities, scale=cfg.scale, margin=cfg.margin,
-                      margin_type=cfg.margin_type)
+                      margin_type=cfg.margin_type, seed=cfg.seed, distributed=distributed)
     return PartialFC(cfg.embedding_size, num_identities, sample_rate=cfg.sample_rate, scale=cfg.scale,
-                     margin=cfg.margin, margin_type=cfg.margin_type, seed=cfg.seed)
+                     margin=cfg.margin, margin_type=cfg.margin_type, seed=cfg.seed, distributed=distributed)
 
 
 def build_optimizer(cfg: TrainConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
@@ -169,7 +172,7 @@ class Trainer:
         from dcq.data import PairSampler, open_dataset
 
         self.cfg = cfg
-        self.ctx = distributed.setup(cfg.device)
+        self.ctx = distributed.setup(cfg.device, timeout=cfg.dist_timeout)
         self.device = self.ctx.device
         self.out = Path(cfg.output)
         self._log_fn = log_fn
@@ -239,9 +242,9 @@ class Trainer:
 
         self.backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                                      dropout=cfg.dropout).to(self.device)
-        gather = distributed.all_gather_cat if self.ctx.distributed else None
-        self.head = build_head(cfg, n_ids, gather=gather).to(self.device)
-        self.generator = (MomentumEncoder(self.backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits)
+        self.head = build_head(cfg, n_ids, distributed=self.ctx.distributed).to(self.device)
+        self.generator = (MomentumEncoder(self.backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits,
+                                          shuffle_bn=cfg.shuffle_bn and self.ctx.distributed)
                           if self.head.needs_key else None)
         self.model = self.backbone
         if self.ctx.distributed:
@@ -302,26 +305,49 @@ class Trainer:
         }
         if training:
             payload.update({
-                "head": self.head.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "head": self.head.state_dict(),  # full N rows: sharded heads gather (every rank calls this)
+                "optimizer": self._optimizer_state(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch,
-                "sampler": {"epoch": self.epoch, "position": self.position},
+                "sampler": {"epoch": self.epoch, "position": self.position, "world_size": self.ctx.world_size},
                 "rng": capture_rng(),
                 "best_accuracy": self.best_accuracy,
             })
         return payload
 
+    def _sharded_state_ids(self) -> list[int]:
+        """Positions, in the optimiser's state_dict, of the head parameters sharded over ranks."""
+        sharded = {id(p) for p in self.head.sharded_parameters()}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return [i for i, p in enumerate(params) if id(p) in sharded]
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimiser's state_dict with the state of sharded head rows gathered to all N rows."""
+        state = self.optimizer.state_dict()
+        for i in self._sharded_state_ids():
+            own = state["state"].get(i, {})  # the live dict: build a new one, never write into it
+            state["state"][i] = {name: self.head.gather_rows(v) if torch.is_tensor(v) and v.ndim else v
+                                 for name, v in sorted(own.items())}
+        return state
+
     def save(self) -> Path | None:
+        """Write a training checkpoint (rank 0); every rank must call it, sharded heads gather."""
+        payload = self._payload()
+        self._saved_step = self.step  # on every rank, so all ranks take the same save decisions
         if not self.ctx.is_main:
             return None
-        path = save_checkpoint(self.out / f"step_{self.step:08d}.pt", self._payload())
+        path = save_checkpoint(self.out / f"step_{self.step:08d}.pt", payload)
         prune_checkpoints(self.out, self.cfg.keep_last)
-        self._saved_step = self.step
         return path
 
     def _resume(self, resume: str) -> None:
+        if resume == "auto":  # an elastic restart: the newest checkpoint if any (rank 0 decides for all)
+            newest = latest_checkpoint(self.out) if self.ctx.is_main else None
+            newest = distributed.broadcast_object(str(newest) if newest else None)
+            if newest is None:
+                return
+            resume = newest
         path = latest_checkpoint(self.out) if resume == "latest" else Path(resume)
         if path is None:
             raise DcqError(f"--resume: no step_*.pt checkpoint in {self.out}; train without --resume first")
@@ -335,8 +361,12 @@ class Trainer:
             self.backbone.load_state_dict(ckpt["feature_extractor"])
             if self.generator is not None:
                 self.generator.encoder.load_state_dict(ckpt["weight_generator"])
-            self.head.load_state_dict(ckpt["head"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.head.load_state_dict(ckpt["head"])  # sharded heads keep their rows of the full tensors
+            optimizer = ckpt["optimizer"]
+            for i in self._sharded_state_ids():
+                optimizer["state"][i] = {name: self.head.local_rows(v) if torch.is_tensor(v) else v
+                                         for name, v in optimizer["state"].get(i, {}).items()}
+            self.optimizer.load_state_dict(optimizer)
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -346,7 +376,10 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.epoch = int(ckpt["sampler"]["epoch"])
-        self.position = int(ckpt["sampler"]["position"])
+        # A checkpoint written at another world size: ranks read interleaved shares of the epoch, so
+        # W ranks at `position` have consumed the first position * W items of the epoch.
+        saved_world = int(ckpt["sampler"].get("world_size", 1))
+        self.position = int(ckpt["sampler"]["position"]) * saved_world // self.ctx.world_size
         self.best_accuracy = float(ckpt.get("best_accuracy", -1.0))
         self.threshold = ckpt.get("threshold")
         self.last_metrics = ckpt.get("metrics") or {}
@@ -403,18 +436,26 @@ class Trainer:
                           persistent_workers=False, prefetch_factor=4 if workers else None)
 
     def train_step(self, samples, references, labels) -> StepRecord:
-        result = self.train_step_fn(samples, references, labels, loss_check=self._check_loss, device=self.device)
+        result = self.train_step_fn(samples, references, labels, loss_check=self._check_loss, device=self.device,
+                                    key_seed=self.cfg.seed * 1_000_003 + self.step)
         self.step += 1
         # fp16: the scaler skips steps with inf gradients by design; otherwise they mean divergence
         norm = None if self.scaler.is_enabled() else grad_norm(self.backbone.parameters())
         self.monitor.check_step(self.step, norm)
-        return StepRecord(self.step, self.epoch, result.loss.item(), result.head.accuracy, result.lr)
+        # A rank's accuracy is over its own rows (DCQ) or the global batch (sharded heads); the mean
+        # over ranks is the global batch's either way.
+        accuracy = distributed.all_reduce_mean(torch.tensor(result.head.accuracy)).item()
+        return StepRecord(self.step, self.epoch, self._global_loss, accuracy, result.lr)
 
     def _check_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Stop before the optimiser step when the loss is NaN/Inf (and the test hook that causes it)."""
         if os.environ.get(NAN_INJECTION_ENV) == str(self.step + 1):
             loss = loss * float("nan")
-        self.monitor.check_loss(self.step + 1, loss.item())
+        # The global batch's loss: a rank's loss is the mean over its own rows (DCQ) or over the
+        # global batch (sharded heads), so the mean over ranks is the global loss either way, and
+        # every rank sees the same value: all ranks stop together on a non-finite loss.
+        self._global_loss = distributed.all_reduce_mean(loss.float()).item()
+        self.monitor.check_loss(self.step + 1, self._global_loss)
         return loss
 
     def run(self) -> dict[str, Any]:
@@ -528,13 +569,21 @@ def _yaml_dump(values: dict) -> str:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, log_fn=None, overwrite: bool = False) -> dict[str, Any]:
-    """Train `cfg` into `cfg.output`; `resume` = "latest" or a checkpoint path; `overwrite` replaces an
-    earlier run in that folder (without it, a used folder is refused)."""
+    """Train `cfg` into `cfg.output`; `resume` = "latest", "auto" or a checkpoint path; `overwrite`
+    replaces an earlier run in that folder (without it, a used folder is refused)."""
     try:
         trainer = Trainer(cfg, resume=resume, log_fn=log_fn, overwrite=overwrite)
         try:
-            return trainer.run()
+            summary = trainer.run()
         finally:
             trainer.close()
-    finally:
-        distributed.cleanup()
+    except Exception as exc:
+        if not (distributed.is_distributed() and distributed.is_collective_failure(exc)):
+            distributed.cleanup()
+            raise
+        raise distributed.CollectiveFailure(
+            f"rank {distributed.rank()} of {distributed.world_size()}: a collective with the other ranks failed "
+            f"({distributed.first_line(exc)}); another rank died or stalled for over dist_timeout="
+            f"{cfg.dist_timeout:g}s. Checkpoints in {cfg.output} are intact: restart with --resume") from None
+    distributed.cleanup()
+    return summary

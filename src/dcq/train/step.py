@@ -79,18 +79,20 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.amp_dtype)
 
-    def keys(self, references: torch.Tensor) -> torch.Tensor | None:
-        """The weight generator's embeddings of (B, k, ...) references: (B, d), or (B, k, d) for k > 1."""
+    def keys(self, references: torch.Tensor, seed: int | None = None) -> torch.Tensor | None:
+        """The weight generator's embeddings of (B, k, ...) references: (B, d), or (B, k, d) for k > 1.
+
+        `seed`: of the cross-rank shuffle-BN permutation (equal on every rank; see `MomentumEncoder`)."""
         if self.weight_generator is None:
             return None
         b, k = references.shape[:2]
         with self._autocast(references.device):
-            keys = self.weight_generator(references.flatten(0, 1)).float()
+            keys = self.weight_generator(references.flatten(0, 1), seed=seed).float()
         return keys.view(b, k, -1) if k > 1 else keys.view(b, -1)
 
     def __call__(self, samples: torch.Tensor, references: torch.Tensor | None, labels: torch.Tensor,
                  loss_check: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 device: torch.device | None = None) -> StepOutput:
+                 device: torch.device | None = None, key_seed: int | None = None) -> StepOutput:
         if device is not None:
             samples = samples.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -101,7 +103,7 @@ class TrainStep:
         keys = None
         if self.weight_generator is not None:
             self.weight_generator.update(self.feature_extractor)
-            keys = self.keys(references)
+            keys = self.keys(references, seed=key_seed)
         with self._autocast(samples.device):
             embeddings = self.forward_model(samples)
         out = self.head(embeddings, labels, key=keys)
