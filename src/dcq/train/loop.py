@@ -197,7 +197,7 @@ class Trainer:
         for bin_path in cfg.eval_bins:  # found now, not at the first evaluation hours later
             if not Path(bin_path).is_file():
                 raise DcqError(f"config: eval_bins entry {bin_path} does not exist; fix the path or remove it")
-        if resume and resume != "latest" and not Path(resume).is_file():
+        if resume and resume not in ("latest", "auto") and not Path(resume).is_file():
             raise DcqError(f"--resume {resume}: checkpoint not found")
         self.source = open_dataset(cfg.train_data)
         n_images, n_ids = len(self.source), int(self.source.num_identities)
