@@ -60,6 +60,7 @@ from dcq.bench import (
     state_bytes,
     state_tensors,
     sync,
+    time_interleaved,
     timed,
     write_json,
 )
@@ -245,17 +246,7 @@ def run(args: argparse.Namespace) -> int:
             _drop(runners, results, (mode, classes), device, log)
         del runner
     log(f"timing {', '.join(r.name for r in runners.values())}: {args.repeats} interleaved repeats")
-    order = list(runners)
-    for rep in range(args.repeats):
-        k = rep % max(1, len(order))
-        for key in order[k:] + order[:k]:
-            if key not in runners:
-                continue
-            ok, seconds = attempt(runners[key].timed_step)
-            if ok:
-                runners[key].times.append(seconds)
-            else:
-                _drop(runners, results, key, device, log)
+    time_interleaved(runners, args.repeats, lambda key: _drop(runners, results, key, device, log))
 
     for key, runner in list(runners.items()):
         res = {"step_ms": 1000.0 * statistics.median(runner.times), "resident_bytes": runner.resident_bytes(),

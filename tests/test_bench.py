@@ -185,3 +185,24 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert heads["config"]["dtype"] == "bf16" and all(set(r) == DESIGN_KEYS for r in heads["rows"])
     steps = json.loads((tmp_path / "train_step_gpu.json").read_text())
     assert [r["mode"] for r in steps["rows"]] == ["backbone", "dcq", "dcq", "fc", "fc"]
+
+
+def test_time_interleaved_rotates_the_order_and_drops_a_runner_out_of_memory():
+    calls = []
+
+    class Runner:
+        def __init__(self, name, fail_at=None):
+            self.name, self.fail_at, self.times = name, fail_at, []
+
+        def timed_step(self):
+            calls.append(self.name)
+            if self.fail_at is not None and len(self.times) == self.fail_at:
+                raise MemoryError
+            return 0.5
+
+    runners = {"a": Runner("a"), "b": Runner("b", fail_at=1), "c": Runner("c")}
+    dropped = []
+    bench.time_interleaved(runners, 3, lambda key: dropped.append(runners.pop(key).name))
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a"]  # rounds start one later; b is gone in round 3
+    assert dropped == ["b"] and set(runners) == {"a", "c"}
+    assert runners["a"].times == [0.5, 0.5, 0.5] and runners["c"].times == [0.5, 0.5, 0.5]

@@ -65,6 +65,7 @@ from dcq.bench.memory import (
     state_bytes,
     state_tensors,
     sync,
+    time_interleaved,
     timed,
     unique_tensor_bytes,
 )
@@ -77,5 +78,5 @@ __all__ = [
     "configure_bench", "estimate_head_bytes", "format_bytes", "format_table", "free_memory", "is_oom",
     "make_batches", "make_head", "measure_peak", "parse_bytes", "parse_count", "parse_counts",
     "pfc_num_sample", "plan_groups", "row_label", "run_bench", "run_heads", "save_plot", "state_bytes",
-    "state_tensors", "summary_lines", "sync", "timed", "unique_tensor_bytes", "write_json",
+    "state_tensors", "summary_lines", "sync", "time_interleaved", "timed", "unique_tensor_bytes", "write_json",
 ]

@@ -25,6 +25,7 @@ from dcq.bench.memory import (
     measure_peak,
     state_bytes,
     state_tensors,
+    time_interleaved,
     timed,
 )
 from dcq.bench.report import check_output_path, row_label
@@ -312,20 +313,14 @@ def bench_heads(cfg: HeadsConfig, log: Callable[[str], None] = lambda m: None) -
                     free_memory(device)
                 del runner
             log(f"[{n}] timing {', '.join(c.label for c in runners)} ({cfg.repeats} interleaved repeats)")
-            order = list(runners)
-            for rep in range(cfg.repeats):
-                k = rep % len(order) if order else 0
-                for case in order[k:] + order[:k]:
-                    if case not in runners:
-                        continue
-                    ok, seconds = attempt(runners[case].timed_step)
-                    if ok:
-                        runners[case].times.append(seconds)
-                        continue
-                    runners.pop(case).close()
-                    results[case] = {"error": OOM}
-                    log(f"[{n}] {case.label}: {OOM} during a step")
-                    free_memory(device)
+
+            def out_of_memory(case, runners=runners, n=n):
+                runners.pop(case).close()
+                results[case] = {"error": OOM}
+                log(f"[{n}] {case.label}: {OOM} during a step")
+                free_memory(device)
+
+            time_interleaved(runners, cfg.repeats, out_of_memory)
             ref_runner = runners.get(reference)
             for case, runner in list(runners.items()):
                 if case == reference and gi != last_ref_group:

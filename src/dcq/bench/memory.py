@@ -159,6 +159,23 @@ def attempt(fn: Callable[..., Any], *args) -> tuple[bool, Any]:
     return False, None
 
 
+def time_interleaved(runners: dict, repeats: int, on_oom: Callable[[Any], None]) -> None:
+    """`repeats` rounds that step every runner once, each round starting one runner later, so machine
+    noise hits all alike; each step's seconds go to `runner.times`. A runner that runs out of memory
+    is passed (by key) to `on_oom`, which must take it out of `runners`."""
+    order = list(runners)
+    for rep in range(repeats):
+        k = rep % max(1, len(order))
+        for key in order[k:] + order[:k]:
+            if key not in runners:
+                continue
+            ok, seconds = attempt(runners[key].timed_step)
+            if ok:
+                runners[key].times.append(seconds)
+            else:
+                on_oom(key)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
