@@ -29,7 +29,8 @@ import time
 import traceback
 from pathlib import Path
 
-# Shared by every run: the demo's CPU recipe (cpunet 40 px, 128-d, batch 128, SGD lr 0.1 cosine).
+# Shared by every run, on top of the demo's training settings (dcq.demo.DEMO_TRAIN: cpunet 40 px, 128-d,
+# batch 128, SGD lr 0.1 cosine): the demo's CosFace scale and margin.
 BASE = {"scale": 32.0, "margin": 0.2, "margin_type": "cosface"}
 
 VARIANTS: dict[str, dict] = {
@@ -45,15 +46,13 @@ LONGTAIL_MAX_IMAGES = 200_000  # embedding a larger training set for the gallery
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'name:key=value;key=value' -> (name, {key: value}); values are parsed like --set."""
+    """'name:key=value;key=value' -> (name, {key: value}); values are checked like --set."""
+    from dcq.train.config import parse_overrides
+
     if ":" not in text:
         raise SystemExit(f"--variant {text!r}: expected 'name:key=value;key=value'")
     name, body = text.split(":", 1)
-    settings = {}
-    for pair in filter(None, (p.strip() for p in body.split(";"))):
-        key, _, value = pair.partition("=")
-        settings[key.strip()] = value.strip()
-    return name.strip(), settings
+    return name.strip(), parse_overrides([p for p in body.split(";") if p.strip()])
 
 
 def main(argv=None) -> int:
@@ -82,10 +81,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets = prepare_datasets(args)
-    runs = [(name, VARIANTS[name]) for name in filter(None, (n.strip() for n in args.runs.split(",")))
-            if name in VARIANTS or _unknown(name)]
-    runs += [parse_variant(v) for v in args.variant]
-    base = {**BASE, **dict(p.split("=", 1) for p in args.overrides)}
+    from dcq.train.config import parse_overrides
+
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--runs: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)} (or use --variant)")
+    runs = [(name, VARIANTS[name]) for name in names] + [parse_variant(v) for v in args.variant]
+    base = {**BASE, **parse_overrides(args.overrides)}
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     command = "python benchmarks/claims.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.time()
@@ -102,10 +105,6 @@ def main(argv=None) -> int:
                 write_outputs(args, results, time.time() - started, command)
     print(markdown(results, args, time.time() - started, command))
     return 0
-
-
-def _unknown(name: str) -> bool:
-    raise SystemExit(f"--runs: unknown variant {name!r}; known: {', '.join(VARIANTS)} (or use --variant)")
 
 
 def prepare_datasets(args) -> dict[str, Path]:
