@@ -55,7 +55,7 @@ HEAD_SETTINGS = {
 def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="report folder (default: demo_out)")
     parser.add_argument("--compare", action="store_true", help="also train FC and Partial FC on the same budget")
-    parser.add_argument("--steps", type=int, default=2000, help="training steps per head (default: 2000)")
+    parser.add_argument("--steps", type=int, default=1700, help="training steps per head (default: 1700)")
     parser.add_argument("--identities", type=int, default=DEMO_DATA["identities"], help="synthetic identities")
     parser.add_argument("--cache", default=None, help="dataset cache folder (default: $DCQ_CACHE or ~/.cache/dcq)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
