@@ -80,7 +80,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    datasets = prepare_datasets(args)
     from dcq.train.config import parse_overrides
 
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -89,6 +88,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--runs: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)} (or use --variant)")
     runs = [(name, VARIANTS[name]) for name in names] + [parse_variant(v) for v in args.variant]
     base = {**BASE, **parse_overrides(args.overrides)}
+    for name, settings in runs:  # a typo fails now, not after hours of earlier runs
+        check_settings(name, {**base, **settings})
+    datasets = prepare_datasets(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     command = "python benchmarks/claims.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.time()
@@ -105,6 +107,18 @@ def main(argv=None) -> int:
                 write_outputs(args, results, time.time() - started, command)
     print(markdown(results, args, time.time() - started, command))
     return 0
+
+
+def check_settings(name: str, settings: dict) -> None:
+    """Exit with one line when run `name`'s settings are not a valid training config."""
+    from dcq.demo import DEMO_TRAIN
+    from dcq.errors import DcqError
+    from dcq.train.config import build_config
+
+    try:
+        build_config({**DEMO_TRAIN, **settings}, source=f"run {name!r}")
+    except DcqError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def prepare_datasets(args) -> dict[str, Path]:
@@ -148,6 +162,7 @@ def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args
         summary, evaluation = train_and_evaluate(values, source="claims", bins=[data / "val.bin"],
                                                  dataset=data if longtail else None)
         record["verify"] = evaluation.verification["val"]
+        record["score_stats"] = score_stats(*evaluation.scores["val"])
         record["curve"] = [(h["step"], h["val"]) for h in summary.get("eval_history", []) if "val" in h]
         record["encoder"] = evaluation.info["which"]
         record["train_seconds"] = summary["train_seconds"]
@@ -163,6 +178,21 @@ def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args
         shutil.rmtree(out, ignore_errors=True)
     record["seconds"] = time.time() - t0
     return record
+
+
+def score_stats(scores, issame) -> dict:
+    """Where verification errors come from: the genuine and impostor cosine distributions, the
+    impostor tail that sets the threshold at FAR 1e-2 / 1e-3, and the separation d' between them."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    genuine, impostor = scores[issame], scores[~issame]
+    d_prime = (genuine.mean() - impostor.mean()) / np.sqrt((genuine.var() + impostor.var()) / 2)
+    return {"genuine_mean": float(genuine.mean()), "genuine_std": float(genuine.std()),
+            "impostor_mean": float(impostor.mean()), "impostor_std": float(impostor.std()),
+            "impostor_q99": float(np.quantile(impostor, 0.99)),
+            "impostor_q999": float(np.quantile(impostor, 0.999)), "d_prime": float(d_prime)}
 
 
 def machine() -> str:
@@ -196,18 +226,22 @@ def markdown(results, args, wall, command) -> str:
         tails = next((r["longtail"] for r in rows if r.get("longtail")), [])
         buckets = [b["bucket"] for b in tails if b["bucket"] != "all" and b["probes"]]
         lines += [f"### {profile} ({rows[0]['identities']:,} identities, {rows[0]['images']:,} images)", "",
-                  "| run | seed | verification accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-2 | "
-                  + "".join(f"rank-1 {b} | " for b in buckets),
-                  "|---|---|---|---|---|" + "---|" * len(buckets)]
+                  "| run | seed | verification accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-2 | genuine cos | "
+                  "impostor cos 99th pct | d' | " + "".join(f"rank-1 {b} | " for b in buckets),
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(buckets)]
         for r in rows:
             if "verify" not in r:
-                lines.append(f"| {r['run']} | {r['seed']} | failed: {r.get('error', '?')} | | |" + " |" * len(buckets))
+                lines.append(f"| {r['run']} | {r['seed']} | failed: {r.get('error', '?')} | | | | | |"
+                             + " |" * len(buckets))
                 continue
             v = r["verify"]
             by = {b["bucket"]: b for b in r.get("longtail") or []}
             cells = "".join(f"{_fmt(by[b]['rank1']) if b in by else 'n/a'} | " for b in buckets)
+            st = r.get("score_stats", {})
             lines.append(f"| {r['run']} | {r['seed']} | {v['accuracy']:.4f} ± {v['accuracy_std']:.4f} | "
-                         f"{_fmt(v['tar_at_far'].get('1e-3'))} | {_fmt(v['tar_at_far'].get('1e-2'))} | {cells}")
+                         f"{_fmt(v['tar_at_far'].get('1e-3'))} | {_fmt(v['tar_at_far'].get('1e-2'))} | "
+                         f"{_fmt(st.get('genuine_mean'))} | {_fmt(st.get('impostor_q99'))} | "
+                         f"{_fmt(st.get('d_prime'), 2)} | {cells}")
         lines.append("")
     lines.append(f"{args.steps} steps per run, cpunet {args.image_size}px (other settings in the JSON); {machine()}; "
                  f"wall time {wall / 60:.1f} min.")
