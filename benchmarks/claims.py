@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="copy every run's final checkpoint to DIR/<profile>-<run>-seed<N>.pt")
     args = parser.parse_args(argv)
 
     import torch
@@ -143,6 +145,7 @@ def prepare_datasets(args) -> dict[str, Path]:
 
 
 def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args) -> dict:
+    from dcq.atomic import atomic_write
     from dcq.demo import DEMO_TRAIN
     from dcq.eval import evaluate_bin
     from dcq.eval.pipeline import load_encoder
@@ -171,6 +174,11 @@ def run_one(profile: str, data: Path, name: str, settings: dict, seed: int, args
             record["verify_feature_extractor"] = evaluate_bin(extractor, data / "val.bin", args.image_size)
         if evaluation.longtail is not None:
             record["longtail"] = evaluation.longtail["rows"]
+        if args.keep:
+            kept = Path(args.keep) / f"{profile}-{name}-seed{seed}.pt".replace(" ", "_").replace("%", "pct")
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(kept, lambda f: f.write(Path(summary["final"]).read_bytes()))
+            record["checkpoint"] = str(kept)
     except Exception as exc:  # keep going: a failed run is a row too
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()

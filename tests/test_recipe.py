@@ -25,6 +25,7 @@ def test_defaults_are_the_recipe_and_the_paper_config_stays_the_paper():
     cfg = build_config({"head": "dcq"})
     assert cfg.num_references == 2 and cfg.references == 2
     assert cfg.generator_momentum == 0.9
+    assert cfg.in_batch_negatives is True
     assert cfg.queue_fraction == 0.1 and cfg.queue_size == 0
     assert build_config({"head": "fc"}).references == 1  # FC/PFC decode one reference, which they ignore
     demo = {**DEMO_TRAIN, **HEAD_SETTINGS["dcq"]}
@@ -32,6 +33,8 @@ def test_defaults_are_the_recipe_and_the_paper_config_stays_the_paper():
     assert "num_references" not in demo and "generator_momentum" not in demo  # the demo runs the defaults
     paper = yaml.safe_load((ROOT / "configs" / "paper_ms1mv2.yaml").read_text())
     assert paper["generator_momentum"] == 0.999 and paper["num_references"] == 1
+    assert paper["in_batch_negatives"] is False
+    assert "in_batch_negatives" not in demo
 
 
 def test_trainer_gives_the_head_two_different_references_per_item(tiny_dataset, tmp_path, monkeypatch):
@@ -57,7 +60,11 @@ def test_trainer_gives_the_head_two_different_references_per_item(tiny_dataset, 
 
     def spy(self, embeddings, labels, key=None):
         seen["key"] = key.detach().clone()
-        return original(self, embeddings, labels, key=key)
+        seen["queue_labels"] = self.queue.labels.clone()
+        seen["labels"] = labels.clone()
+        out = original(self, embeddings, labels, key=key)
+        seen["logits"] = out.logits.detach()
+        return out
 
     monkeypatch.setattr(DynamicClassQueue, "forward", spy)
     samples, references, batch_labels = next(iter(trainer._loader()))
@@ -66,6 +73,13 @@ def test_trainer_gives_the_head_two_different_references_per_item(tiny_dataset, 
     assert seen["key"].shape == (16, 2, 16)  # both references reach the head, not one
     # the two keys of an item are embeddings of different images: not identical rows
     assert not torch.allclose(seen["key"][:, 0], seen["key"][:, 1])
+    # the batch's own class weights are negatives too: 1 positive + the queue + B in-batch columns,
+    # the in-batch block masked exactly where two items share an identity
+    queue = trainer.head.queue.size
+    logits, lab = seen["logits"], seen["labels"]
+    assert logits.shape == (16, 1 + queue + 16)
+    same = lab[:, None] == lab[None, :]
+    assert torch.equal(torch.isinf(logits[:, 1 + queue:]), same)
 
 
 def test_averaged_weight_is_closer_to_the_identity_than_one_reference():

@@ -14,9 +14,11 @@ Per batch of B items (a sample image and a reference image of one identity each)
 
 Nothing here depends on the number of identities: cost is O(B * (1 + Q) * d).
 
-Opt-in extensions (off by default, which is the official implementation's behaviour):
+Extensions, off by default in this class (the official implementation's behaviour); `dcq train`'s
+recipe turns the first on and uses k = 2 references (docs/method.md):
 - `in_batch_negatives`: the other items' generated weights in this batch are extra negatives
-  (identities equal to the sample's are masked), appended after the queue columns.
+  (identities equal to the sample's are masked), appended after the queue columns. Under torchrun
+  these are the rank's own items; every rank's weights reach the queue for the next step.
 - `dedup`: only the newest queue entry of an identity acts as a negative.
 - k references per sample: pass key of shape (B, k, d); the k normalised keys are averaged and
   renormalised into one class weight (few-shot prototype).

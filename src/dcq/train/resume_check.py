@@ -6,7 +6,8 @@ optimiser state, sampler position and identity count belong to one dataset and o
 set that only moved, e.g. copied to a local disk, is accepted with a note) or a config key that
 changes the shape or meaning of the saved state. The
 optimiser's hyper-parameters (lr, sgd_momentum, weight_decay) may change: they are applied to the
-restored optimiser, and the change is logged.
+restored optimiser, and the change is logged. So may the loss recipe (scale, margin, references,
+generator momentum, in-batch negatives, ...), with one note per changed key.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ STATE_KEYS = {
     "sampling": "the sampler position",
     "seed": "the sampler position",
 }
+# Keys of the loss a resumed run may change (the saved state stays valid), each change noted: a
+# config that leaves them to the defaults picks up new defaults after an upgrade, never silently.
+RECIPE_KEYS = ("scale", "margin", "margin_type", "num_references", "generator_momentum", "in_batch_negatives",
+               "dedup", "sample_rate")
 # Optimiser hyper-parameters a resumed run applies: config key -> optimiser param-group key.
 HYPERPARAMETERS = {"lr": "lr", "sgd_momentum": "momentum", "weight_decay": "weight_decay"}
 
@@ -53,9 +58,11 @@ def check_compatible(where: Path, ckpt: dict[str, Any], cfg_values: dict[str, An
         if key in saved and saved[key] != cfg_values.get(key):
             raise DcqError(f"--resume {where}: checkpoint has {key}={saved[key]!r}, config has "
                            f"{cfg_values.get(key)!r}, which changes {what}; resume with the same {key}")
+    notes = [f"resumed with {key}={cfg_values.get(key)!r} (the checkpoint trained with {saved[key]!r})"
+             for key in RECIPE_KEYS if key in saved and saved[key] != cfg_values.get(key)]
     old = ckpt.get("dataset")  # checkpoints before the fingerprint have none
     if not old:
-        return []
+        return notes
     for key in ("images", "identities"):
         if old.get(key) != fingerprint[key]:
             raise DcqError(
@@ -64,9 +71,9 @@ def check_compatible(where: Path, ckpt: dict[str, Any], cfg_values: dict[str, An
                 "sampler position and identity count belong to the checkpoint's data: resume on that data"
             )
     if old.get("path") != fingerprint["path"]:
-        return [f"training set moved: checkpoint {old.get('path')}, now {fingerprint['path']} "
-                f"(same {fingerprint['images']} images and {fingerprint['identities']} identities)"]
-    return []
+        notes.append(f"training set moved: checkpoint {old.get('path')}, now {fingerprint['path']} "
+                     f"(same {fingerprint['images']} images and {fingerprint['identities']} identities)")
+    return notes
 
 
 def apply_hyperparameters(optimizer, scheduler, cfg_values: dict[str, Any], saved: dict[str, Any]) -> list[str]:
