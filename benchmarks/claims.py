@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict] = {
     "FC": {"head": "fc"},
     "Partial FC 0.1": {"head": "pfc", "sample_rate": 0.1},
     "DCQ 10%": {"head": "dcq", "queue_fraction": 0.1},
+    "DCQ 10% queue only": {"head": "dcq", "queue_fraction": 0.1, "in_batch_negatives": False},
     "DCQ 1%": {"head": "dcq", "queue_fraction": 0.01},
     "DCQ 5%": {"head": "dcq", "queue_fraction": 0.05},
     "DCQ 20%": {"head": "dcq", "queue_fraction": 0.2},

@@ -30,11 +30,11 @@ def test_defaults_are_the_recipe_and_the_paper_config_stays_the_paper():
     assert build_config({"head": "fc"}).references == 1  # FC/PFC decode one reference, which they ignore
     demo = {**DEMO_TRAIN, **HEAD_SETTINGS["dcq"]}
     assert demo["queue_fraction"] == 0.1  # the paper's 10% queue, not a larger one
-    assert "num_references" not in demo and "generator_momentum" not in demo  # the demo runs the defaults
+    assert "num_references" not in demo and "generator_momentum" not in demo  # the demo runs the defaults,
+    assert demo["in_batch_negatives"] is False  # but for in-batch negatives: its queue holds ~one batch
     paper = yaml.safe_load((ROOT / "configs" / "paper_ms1mv2.yaml").read_text())
     assert paper["generator_momentum"] == 0.999 and paper["num_references"] == 1
     assert paper["in_batch_negatives"] is False
-    assert "in_batch_negatives" not in demo
 
 
 def test_trainer_gives_the_head_two_different_references_per_item(tiny_dataset, tmp_path, monkeypatch):
