@@ -12,13 +12,13 @@ Per batch of B items (a sample image and a reference image of one identity each)
 3. loss = cross-entropy with the positive as the target (column 0)
 4. enqueue (w, label) into the FIFO class queue, after the logits are computed.
 
-Nothing here depends on the number of identities: cost is O(B * (1 + Q) * d).
+Nothing here depends on the number of identities: cost is O(B * (1 + Q + B) * d).
 
 Extensions, off by default in this class (the official implementation's behaviour); `dcq train`'s
 recipe turns the first on and uses k = 2 references (docs/method.md):
 - `in_batch_negatives`: the other items' generated weights in this batch are extra negatives
   (identities equal to the sample's are masked), appended after the queue columns. Under torchrun
-  these are the rank's own items; every rank's weights reach the queue for the next step.
+  they are the weights of every rank's items (the global batch), as in one process.
 - `dedup`: only the newest queue entry of an identity acts as a negative.
 - k references per sample: pass key of shape (B, k, d); the k normalised keys are averaged and
   renormalised into one class weight (few-shot prototype).
@@ -105,18 +105,19 @@ class DynamicClassQueue(Head):
             positive = self.margin.target_logit((q * w).sum(dim=1)) * self.margin.scale
             negatives = q @ self.queue.weights.t() * self.margin.scale
             negatives = negatives.masked_fill(~self.negative_mask(labels), float("-inf"))
+            # every rank's generated weights of this step: in-batch negatives over the global batch
+            # (so N ranks train like one process with N times the batch), then the queue
+            w_all, labels_all = (w, labels) if self.gather is None else (self.gather(w), self.gather(labels))
             columns = [positive.unsqueeze(1), negatives]
             if self.in_batch_negatives:
-                in_batch = (q @ w.t()) * self.margin.scale
-                in_batch = in_batch.masked_fill(labels.unsqueeze(0) == labels.unsqueeze(1), float("-inf"))
+                in_batch = (q @ w_all.t()) * self.margin.scale
+                in_batch = in_batch.masked_fill(labels.unsqueeze(1) == labels_all.unsqueeze(0), float("-inf"))
                 columns.append(in_batch)
             logits = torch.cat(columns, dim=1)
             targets = torch.zeros_like(labels)
             loss = F.cross_entropy(logits, targets)
 
-        if self.gather is not None:
-            w, labels = self.gather(w), self.gather(labels)
-        self.queue.enqueue(w, labels)
+        self.queue.enqueue(w_all, labels_all)
         return HeadOutput(loss=loss, logits=logits, targets=targets)
 
     def metrics(self) -> dict[str, float]:
