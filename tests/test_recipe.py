@@ -4,6 +4,8 @@ A generated class weight from one reference image is a noisy estimate of its ide
 normalised keys of k=2 different references halves that noise, and that (with a generator momentum
 suited to short runs) is what made DCQ match FC. A regression anywhere along the path — defaults,
 sampler, dataset, step, head — would silently fall back to one noisy reference, so each is checked.
+The batch's own generated weights as extra negatives closed the remaining TAR@FAR=1e-2 gap, so the
+default and the logits' in-batch block (with its same-identity mask) are checked too.
 """
 
 from pathlib import Path
