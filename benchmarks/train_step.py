@@ -109,6 +109,7 @@ class StepRunner:
                 head = dcq.FullFC(opt.dim, classes).to(dev)
         params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        head.bind_optimizer(optimizer)
         self.train_step = TrainStep(backbone, head, optimizer, generator, amp=opt.amp, grad_clip=opt.grad_clip)
         self.train_step.train()
         self.labels = [torch.randint(0, classes, (opt.batch,), generator=torch.Generator().manual_seed(i)).to(dev)

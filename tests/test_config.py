@@ -7,7 +7,7 @@ import pytest
 from dcq.cli import main
 from dcq.errors import DcqError
 from dcq.train.config import build_config, load_config
-from dcq.train.loop import lr_factor
+from dcq.train.build import lr_factor
 
 
 def test_old_keys_are_read_as_the_new_ones_with_a_note(capsys):
