@@ -97,6 +97,6 @@ def test_resume_notes_every_changed_loss_key(tiny_dataset, tmp_path):
     assert main(["train", *_set(_tiny(tiny_dataset, out, max_steps=2, in_batch_negatives="false"))]) == 0
     assert main(["train", "--resume", *_set(_tiny(tiny_dataset, out, max_steps=3, margin=0.25))]) == 0
     log = (out / "train.log").read_text()
-    assert "resumed with in_batch_negatives=True (the checkpoint trained with False)" in log
+    assert "resumed with in_batch_negatives='auto' (the checkpoint trained with False)" in log
     assert "resumed with margin=0.25" in log
     assert "resumed with num_references" not in log  # unchanged keys are not noted

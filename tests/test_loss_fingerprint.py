@@ -4,7 +4,8 @@ what training computes (an RNG draw moved, a seed derived differently, a step re
 
 The fixture holds the losses as `float.hex` strings. On the machine that wrote it they matched to
 the bit; elsewhere a different CPU kernel may round the last bits differently, so the test allows
-1e-5 relative (`DCQ_EXACT_FINGERPRINT=1` asks for bit-identity). Regenerate (only when a change of the numbers is intended, and say so in the commit):
+1e-5 relative (`DCQ_EXACT_FINGERPRINT=1` asks for bit-identity). Regenerate only when a change of
+the numbers is intended, and say so in the commit:
 
     PYTHONPATH=src python tests/test_loss_fingerprint.py
 """
@@ -22,7 +23,7 @@ import pytest
 FIXTURE = Path(__file__).parent / "fixtures" / "loss_fingerprint.json"
 STEPS = 10
 RUNS = {  # every head, DCQ with its default recipe and with the official code's queue-only setting
-    "dcq": {"head": "dcq", "queue_size": 24},
+    "dcq": {"head": "dcq", "queue_size": 24, "in_batch_negatives": True},
     "dcq_queue_only": {"head": "dcq", "queue_size": 24, "in_batch_negatives": False, "num_references": 1},
     "fc": {"head": "fc"},
     "pfc": {"head": "pfc", "sample_rate": 0.25},
@@ -48,7 +49,8 @@ def test_losses_match_the_recorded_fingerprint(name, tiny_dataset, tmp_path):
     assert len(losses) == len(recorded) == STEPS
     tolerance = 0.0 if os.environ.get("DCQ_EXACT_FINGERPRINT") else 1e-5
     for step, (got, want) in enumerate(zip(losses, recorded), start=1):
-        assert math.isclose(got, want, rel_tol=tolerance, abs_tol=0.0), f"{name} step {step}: loss {got!r}, recorded {want!r}"
+        assert math.isclose(got, want, rel_tol=tolerance, abs_tol=0.0), \
+            f"{name} step {step}: loss {got!r}, recorded {want!r}"
 
 
 def main() -> None:

@@ -35,14 +35,30 @@ def resolve_queue_size(cfg: TrainConfig, num_identities: int) -> int:
     return size
 
 
-def build_head(cfg: TrainConfig, num_identities: int, distributed: bool = False) -> Head:
+IN_BATCH_MIN_BATCHES = 2.0  # "auto" in-batch negatives: on when the queue holds this many global batches
+
+
+def uses_in_batch_negatives(cfg: TrainConfig, queue_size: int, world_size: int = 1) -> bool:
+    """`in_batch_negatives` as set, or for "auto": whether the queue spans at least
+    IN_BATCH_MIN_BATCHES global batches. A queue that short holds the last batch or two, as fresh
+    as the batch itself, and the batch's weights add nothing it lacks; a queue of many batches holds
+    weights from generators up to many steps old, and the batch's own weights are the freshest
+    negatives there are (docs/results.md, "One in-batch rule")."""
+    if cfg.in_batch_negatives != "auto":
+        return bool(cfg.in_batch_negatives)
+    return queue_size >= IN_BATCH_MIN_BATCHES * cfg.batch_size * world_size
+
+
+def build_head(cfg: TrainConfig, num_identities: int, distributed: bool = False, world_size: int = 1) -> Head:
     """The configured head; `distributed`: DCQ all-gathers its enqueued keys so every rank holds the
     same queue, FC and Partial FC shard their class centres over the ranks."""
     if cfg.head == "dcq":
+        queue_size = resolve_queue_size(cfg, num_identities)
         return DynamicClassQueue(
-            embedding_size=cfg.embedding_size, queue_size=resolve_queue_size(cfg, num_identities),
+            embedding_size=cfg.embedding_size, queue_size=queue_size,
             scale=cfg.scale, margin=cfg.margin, margin_type=cfg.margin_type,
-            in_batch_negatives=cfg.in_batch_negatives, dedup=cfg.dedup, distributed=distributed,
+            in_batch_negatives=uses_in_batch_negatives(cfg, queue_size, world_size), dedup=cfg.dedup,
+            distributed=distributed,
         )
     if cfg.head == "fc":
         return FullFC(cfg.embedding_size, num_identities, scale=cfg.scale, margin=cfg.margin,
@@ -98,7 +114,7 @@ def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int
     device = ctx.device
     backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                             dropout=cfg.dropout).to(device)
-    head = build_head(cfg, num_identities, distributed=ctx.distributed).to(device)
+    head = build_head(cfg, num_identities, distributed=ctx.distributed, world_size=ctx.world_size).to(device)
     weight_generator = (MomentumEncoder(backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits,
                                         shuffle_bn=cfg.shuffle_bn and ctx.distributed)
                         if head.needs_key else None)

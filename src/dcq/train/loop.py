@@ -167,6 +167,8 @@ class Trainer:
         log.log(f"training {cfg.head} on {cfg.train_data}: {len(self.data.source)} images, "
                 f"{self.data.source.num_identities} identities, {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} steps, device {self.device}")
+        head = self.model.head
+        log.log(f"head {type(head).__name__}({head.extra_repr()})")  # e.g. what in_batch_negatives=auto chose
         started, seen, last = time.time(), 0, None
         self.model.step.train()
         try:
