@@ -1,7 +1,8 @@
 """Gallery search at scale: queries/s and recall@10 of exact numpy, faiss flat, IVF and HNSW, one run.
 
     python benchmarks/gallery_speed.py --n 1e6 --dim 512 --queries 1000 [--nlist 1024]
-        [--nprobe 8,16,32,64] [--ef 32,64,128,256] [--hnsw-m 32] [--repeats 3] [--json OUT]
+        [--nprobe 8,16,32,64] [--pq-nprobe 48,64,96] [--k-factor 30,100] [--ef 32,64,128,256]
+        [--hnsw-m 32] [--repeats 3] [--json OUT]
 
 One thread everywhere (BLAS, faiss's OpenMP). The gallery is synthetic but clustered the way face
 embeddings are: ``--groups`` broad groups (think demographics), identities inside a group share a
@@ -13,7 +14,9 @@ identities. Recall@10 of a method = the share of the exact top 10 (numpy, float3
 Memory: the vectors are held once, in the flat storage of the faiss ``IndexHNSWFlat`` (what `dcq
 gallery build --index hnsw` makes); faiss's flat search and numpy's exact search read that same
 buffer. IVF (`dcq.deploy.gallery.Gallery.build(kind="ivf")`, the command's own code) holds its own
-copy. So about 2 x N x dim x 4 bytes plus the HNSW graph: ~4.5 GiB at 1M x 512.
+copy. IVF-PQ is the ``ivfpq`` gallery's first stage (`ivfpq_base`, `train_ivf`) re-ranked by
+``IndexRefine`` against that same flat storage (``IndexRefineFlat``, what the gallery uses, is this
+with its own copy). So about 2 x N x dim x 4 bytes plus the HNSW graph: ~4.5 GiB at 1M x 512.
 
 Every search configuration is built first; then each repeat runs every configuration once over
 all queries (one batched search call), in a rotating order, and the median time is reported.
@@ -38,7 +41,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dcq.atomic import atomic_write  # noqa: E402
-from dcq.deploy.gallery import Gallery, exact_search, load_faiss  # noqa: E402
+from dcq.deploy.gallery import Gallery, exact_search, ivfpq_base, load_faiss, train_ivf  # noqa: E402
 
 
 def _peak_rss_gib() -> float:
@@ -79,6 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--genuine", type=float, default=0.65, help="expected cosine of two images of one identity")
     p.add_argument("--nlist", type=int, default=1024, help="IVF cells (default 1024)")
     p.add_argument("--nprobe", default="8,16,32,64", help="IVF cells scanned per query, comma-separated")
+    p.add_argument("--pq-m", type=int, default=None, help="IVF-PQ 4-bit sub-quantisers (default dim/4)")
+    p.add_argument("--pq-nprobe", default="48,64,96", help="IVF-PQ cells scanned, comma-separated")
+    p.add_argument("--k-factor", default="30,100", help="IVF-PQ: k x this many re-ranked exactly, comma-separated")
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=80)
     p.add_argument("--ef", default="32,64,128,256", help="HNSW efSearch values, comma-separated")
@@ -136,6 +142,24 @@ def main(argv=None) -> int:
         configs[f"IVF{args.nlist} nprobe={nprobe}"] = (
             {"kind": "ivf", "nlist": args.nlist, "nprobe": nprobe},
             lambda nprobe=nprobe: ivf.search(queries, k, nprobe=nprobe))
+    pq_m = args.pq_m or d // 4
+    t = time.perf_counter()
+    pq = ivfpq_base(faiss, d, args.nlist, pq_m)  # what Gallery.build(kind="ivfpq") makes ...
+    train_ivf(pq, vectors, args.nlist, args.seed)
+    pq.add(vectors)
+    refined = faiss.IndexRefine(pq, flat)  # ... re-ranked with the vectors already in `flat` (no second copy)
+    builds["ivfpq"] = time.perf_counter() - t
+    print(f"IVF{args.nlist},PQ{pq_m}x4fs built in {builds['ivfpq']:.0f} s; peak RSS {_peak_rss_gib():.2f} GiB",
+          flush=True)
+    for nprobe in [int(v) for v in args.pq_nprobe.split(",")]:
+        for kf in [int(v) for v in args.k_factor.split(",")]:
+            def run_pq(nprobe=nprobe, kf=kf):
+                pq.nprobe, refined.k_factor = nprobe, kf
+                s, i = refined.search(queries, k)
+                return i, s
+
+            configs[f"IVF{args.nlist},PQ{pq_m}x4fs nprobe={nprobe} refine={kf}k"] = (
+                {"kind": "ivfpq", "nlist": args.nlist, "pq_m": pq_m, "nprobe": nprobe, "k_factor": kf}, run_pq)
     builds["hnsw"] = hnsw_s
     for ef in [int(v) for v in args.ef.split(",")]:
         def run(ef=ef):
@@ -172,7 +196,7 @@ def main(argv=None) -> int:
               "build_s": builds, "generate_s": gen_s, "exact_same_identity_share": float(same),
               "peak_rss_gib": _peak_rss_gib(), "rows": rows, "command": " ".join(sys.argv)}
     print(f"\npeak RSS {result['peak_rss_gib']:.2f} GiB; builds: IVF {builds['ivf']:.0f} s, "
-          f"HNSW {builds['hnsw']:.0f} s")
+          f"IVF-PQ {builds['ivfpq']:.0f} s, HNSW {builds['hnsw']:.0f} s")
     if args.json:
         atomic_write(args.json, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
         print(f"wrote {args.json}")

@@ -54,18 +54,21 @@ def test_faiss_flat_top10_equals_exact_search(rng):
     np.testing.assert_allclose(faiss_scores, ref_scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_indexes_find_the_exact_neighbours(rng, kind, tmp_path):
     pytest.importorskip("faiss")
     x, q = clustered(rng)
-    g = Gallery.build(x, kind=kind, nlist=16, nprobe=8, ef_search=64)
+    g = Gallery.build(x, kind=kind, nlist=16, nprobe=8, ef_search=64, pq_m=8, k_factor=20)
     g.save(tmp_path / "g")
     ids, _ = Gallery.load(tmp_path / "g").search(q, 10)
     ref, _ = brute_force(q, x, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), ref.tolist())])
     assert recall >= 0.9
-    one, _ = g.search(q, 10, nprobe=1, ef_search=10)  # narrower searches are allowed
+    one, _ = g.search(q, 10, nprobe=1, ef_search=10, k_factor=1)  # narrower searches are allowed
     assert one.shape == (40, 10)
+    g.add(q[:2])
+    ids, scores = g.search(q[:2], 1)
+    assert ids[:, 0].tolist() == [len(x), len(x) + 1] and np.allclose(scores[:, 0], 1, atol=1e-4)
 
 
 def test_file_round_trip_labels_and_additions(rng, tmp_path):
@@ -197,6 +200,15 @@ def test_cli_checks_the_model_of_onnx_embeddings(rng, tmp_path, capsys):
     np.save(tmp_path / "q.npy", q)
     assert main(["gallery", "search", g, str(tmp_path / "q.npy")]) == 2
     assert "no model fingerprint" in capsys.readouterr().err
+
+
+def test_ivfpq_options_are_checked(rng):
+    pytest.importorskip("faiss")
+    x, _ = clustered(rng, people=30)
+    with pytest.raises(DcqError, match="--pq-m 5"):
+        Gallery.build(x, kind="ivfpq", nlist=4, pq_m=5)
+    with pytest.raises(DcqError, match="--nlist 999"):
+        Gallery.build(x, kind="ivfpq", nlist=999)
 
 
 def test_default_nlist():

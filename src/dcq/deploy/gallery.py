@@ -6,6 +6,9 @@ was trained for. Three kinds:
 - ``flat``: exact search. With faiss (the ``gallery`` extra) an ``IndexFlatIP``; without it a
   blocked numpy matrix product over the memory-mapped rows. Both return the exact top k.
 - ``ivf``: faiss ``IndexIVFFlat``: k-means cells, a query scans its ``nprobe`` nearest cells.
+- ``ivfpq``: the same cells holding 4-bit product-quantised codes (d/2 bytes a row at the default
+  ``pq_m`` = d/4) scanned with SIMD (faiss fast scan); the ``k_factor`` x k best are then re-ranked
+  with the exact vectors (``IndexRefineFlat``). The fastest at a high recall in the benchmark.
 - ``hnsw``: faiss ``IndexHNSWFlat``: a navigable small-world graph, ``ef_search`` candidates.
 
 The approximate kinds trade recall for speed; `benchmarks/gallery_speed.py` measures both (see
@@ -24,7 +27,7 @@ import numpy as np
 from dcq.deploy.gallery_store import read_store, write_store
 from dcq.errors import DcqError
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 FORMAT = 1
 FAISS_HINT = "install faiss-cpu (pip install 'dcq[gallery]')"
 
@@ -109,6 +112,31 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
 
 
+def ivfpq_base(faiss, d: int, nlist: int, pq_m: int):
+    """IVF cells of 4-bit PQ codes, scanned with SIMD: the first stage of an ``ivfpq`` gallery."""
+    if pq_m < 1 or d % pq_m or pq_m % 2:
+        raise DcqError(f"--pq-m {pq_m}: give an even number that divides the embedding size {d} (d/4 = {d // 4} "
+                       "is the default)")
+    return faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, nlist, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+
+
+def train_ivf(index, x: np.ndarray, nlist: int, seed: int = 0) -> None:
+    """k-means cells (and PQ codebooks) on a seeded sample of 64 rows per cell (plenty for k-means)."""
+    train = x
+    if len(x) > 64 * nlist:
+        train = x[np.sort(np.random.default_rng(seed).choice(len(x), 64 * nlist, replace=False))]
+    index.cp.seed = seed
+    index.train(train)
+
+
+def checked_nlist(nlist: int | None, n: int) -> int:
+    nlist = default_nlist(n) if nlist is None else int(nlist)
+    if not 1 <= nlist <= n:
+        raise DcqError(f"--nlist {nlist}: give 1 to {n} cells (the number of embeddings); "
+                       f"about 4 sqrt(N) = {default_nlist(n)} is usual")
+    return nlist
+
+
 class Gallery:
     """Enrolled embeddings and their index. Make one with `build`, open one with `load`."""
 
@@ -118,12 +146,13 @@ class Gallery:
         self.params, self.labels, self.vectors, self.index = dict(params), labels, vectors, index
         self.count = int(count)
         self._flat = None  # the faiss IndexFlatIP of a flat gallery, made on first search
+        self._parts: list = []  # faiss objects a wrapper index points to, kept alive with it
 
     # ------------------------------------------------------------------ making
     @classmethod
     def build(cls, emb, labels: list[str] | None = None, fingerprint: str | None = None, kind: str = "flat",
-              nlist: int | None = None, nprobe: int = 32, hnsw_m: int = 32, ef_construction: int = 80,
-              ef_search: int = 128, seed: int = 0) -> Gallery:
+              nlist: int | None = None, nprobe: int = 64, hnsw_m: int = 32, ef_construction: int = 80,
+              ef_search: int = 128, pq_m: int | None = None, k_factor: int = 100, seed: int = 0) -> Gallery:
         if kind not in KINDS:
             raise DcqError(f"--index {kind}: choose one of {', '.join(KINDS)}")
         x = unit_rows(emb, "gallery embeddings")
@@ -136,23 +165,25 @@ class Gallery:
         else:
             faiss = load_faiss(f"--index {kind}")
             if kind == "ivf":
-                nlist = default_nlist(len(x)) if nlist is None else int(nlist)
-                if not 1 <= nlist <= len(x):
-                    raise DcqError(f"--nlist {nlist}: give 1 to {len(x)} cells (the number of embeddings); "
-                                   f"about 4 sqrt(N) = {default_nlist(len(x))} is usual")
+                nlist = checked_nlist(nlist, len(x))
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-                train = x
-                if len(x) > 64 * nlist:  # k-means on a seeded sample: 64 points per cell is plenty
-                    train = x[np.sort(np.random.default_rng(seed).choice(len(x), 64 * nlist, replace=False))]
-                index.cp.seed = seed
-                index.train(train)
+                train_ivf(index, x, nlist, seed)
                 params = {"nlist": nlist, "nprobe": int(nprobe)}
+            elif kind == "ivfpq":
+                nlist = checked_nlist(nlist, len(x))
+                pq_m = d // 4 if pq_m is None else int(pq_m)
+                base = ivfpq_base(faiss, d, nlist, pq_m)
+                train_ivf(base, x, nlist, seed)
+                index = faiss.IndexRefineFlat(base)
+                index.own_fields = False  # `base` stays Python's: kept on the gallery below
+                params = {"nlist": nlist, "nprobe": int(nprobe), "pq_m": pq_m, "k_factor": int(k_factor)}
             else:
                 index = faiss.IndexHNSWFlat(d, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efConstruction = int(ef_construction)
                 params = {"hnsw_m": int(hnsw_m), "ef_construction": int(ef_construction),
                           "ef_search": int(ef_search)}
             g = cls(kind, d, fingerprint, params, None, index=index)
+            g._parts = [base] if kind == "ivfpq" else []
         g.labels = [] if labels is not None else None
         g.add(x, labels, fingerprint)
         return g
@@ -193,7 +224,8 @@ class Gallery:
 
     # ------------------------------------------------------------------ searching
     def search(self, queries, k: int = 10, fingerprint: str | None = None, nprobe: int | None = None,
-               ef_search: int | None = None, engine: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, engine: str = "auto",
+               k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores), each (Q, min(k, count)), best first. ``engine`` (flat only): auto (faiss
         when installed), faiss or numpy."""
         if k < 1:
@@ -211,6 +243,12 @@ class Gallery:
             scores, ids = self._flat.search(q, k)
         elif self.kind == "ivf":
             self.index.nprobe = int(nprobe or self.params["nprobe"])
+            scores, ids = self.index.search(q, k)
+        elif self.kind == "ivfpq":
+            import faiss
+
+            faiss.downcast_index(self.index.base_index).nprobe = int(nprobe or self.params["nprobe"])
+            self.index.k_factor = float(k_factor or self.params["k_factor"])
             scores, ids = self.index.search(q, k)
         else:
             self.index.hnsw.efSearch = max(int(ef_search or self.params["ef_search"]), k)

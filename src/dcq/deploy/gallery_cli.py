@@ -25,10 +25,14 @@ def configure_gallery(parser: argparse.ArgumentParser) -> None:
                            description="enrol embeddings in a new gallery file")
     build.add_argument("embeddings", metavar="EMB", help="a `dcq embed --onnx` folder or an (N, d) .npy")
     build.add_argument("--out", required=True, metavar="G", help="gallery file to write")
-    build.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat",
-                       help="flat: exact (default); ivf / hnsw: approximate faiss indexes for large galleries")
+    build.add_argument("--index", choices=["flat", "ivf", "ivfpq", "hnsw"], default="flat",
+                       help="flat: exact (default); ivf, ivfpq, hnsw: approximate faiss indexes for large "
+                       "galleries (docs/deploy.md)")
     build.add_argument("--nlist", type=int, default=None, help="ivf cells (default about 4 sqrt(N))")
-    build.add_argument("--nprobe", type=int, default=32, help="ivf cells scanned per query (default 32)")
+    build.add_argument("--nprobe", type=int, default=64, help="ivf/ivfpq cells scanned per query (default 64)")
+    build.add_argument("--pq-m", type=int, default=None, help="ivfpq: 4-bit sub-quantisers per row (default d/4)")
+    build.add_argument("--k-factor", type=int, default=100, help="ivfpq: k x this many candidates re-ranked "
+                       "exactly (default 100)")
     build.add_argument("--hnsw-m", type=int, default=32, help="hnsw links per node (default 32)")
     build.add_argument("--ef-construction", type=int, default=80, help="hnsw build breadth (default 80)")
     build.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth (default 128)")
@@ -45,7 +49,9 @@ def configure_gallery(parser: argparse.ArgumentParser) -> None:
     search.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     search.add_argument("--json", metavar="OUT", help='write {"ids": [[row, ...k] per query], "scores": [[...]], '
                         '"labels": [[...]] (when the gallery has labels), "queries": [...] (when known)}')
-    search.add_argument("--nprobe", type=int, default=None, help="ivf: cells scanned (default: the gallery's)")
+    search.add_argument("--nprobe", type=int, default=None, help="ivf/ivfpq: cells scanned (default: the gallery's)")
+    search.add_argument("--k-factor", type=int, default=None, help="ivfpq: re-ranked candidates per neighbour "
+                        "(default: the gallery's)")
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: search breadth (default: the gallery's)")
     search.add_argument("--onnx", metavar="MODEL", help="QUERIES are images: embed them with this model first")
     search.add_argument("--landmarks", metavar="FILE", help="with --onnx: align the query photos by these landmarks")
@@ -103,7 +109,7 @@ def _build(args) -> int:
     labels = read_labels(args.labels, len(emb)) if args.labels else paths
     g = Gallery.build(emb, labels=labels, fingerprint=fingerprint, kind=args.index, nlist=args.nlist,
                       nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                      ef_search=args.ef_search)
+                      ef_search=args.ef_search, pq_m=args.pq_m, k_factor=args.k_factor)
     g.save(out)
     params = "".join(f" {k}={v}" for k, v in g.params.items())
     print(f"wrote {out}: {g.count} embeddings ({g.embedding_size}-d), {g.kind} index{params}, "
@@ -161,7 +167,8 @@ def _search(args) -> int:
         ensure_writable(args.json)
     g = Gallery.load(args.gallery)
     queries, names, fingerprint = _queries(args, g)
-    ids, scores = g.search(queries, args.k, fingerprint=fingerprint, nprobe=args.nprobe, ef_search=args.ef_search)
+    ids, scores = g.search(queries, args.k, fingerprint=fingerprint, nprobe=args.nprobe, ef_search=args.ef_search,
+                           k_factor=args.k_factor)
     result = {"ids": ids.tolist(), "scores": [[round(float(s), 6) for s in row] for row in scores]}
     if g.labels is not None:
         result["labels"] = [[g.labels[i] if i >= 0 else None for i in row] for row in ids.tolist()]
