@@ -204,11 +204,13 @@ def test_cli_checks_the_model_of_onnx_embeddings(rng, tmp_path, capsys):
 
 def test_ivfpq_options_are_checked(rng):
     pytest.importorskip("faiss")
-    x, _ = clustered(rng, people=30)
+    x, _ = clustered(rng, people=100)
     with pytest.raises(DcqError, match="--pq-m 5"):
         Gallery.build(x, kind="ivfpq", nlist=4, pq_m=5)
     with pytest.raises(DcqError, match="--nlist 999"):
         Gallery.build(x, kind="ivfpq", nlist=999)
+    with pytest.raises(DcqError, match="at least 256"):
+        Gallery.build(x[:100], kind="ivfpq")
 
 
 def test_default_nlist():

@@ -107,6 +107,12 @@ def exact_search(queries: np.ndarray, vectors: np.ndarray, k: int, block: int = 
     return np.take_along_axis(best_i, order, 1), np.take_along_axis(best_s, order, 1)
 
 
+def _positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise DcqError(f"--{name.replace('_', '-')} {value}: give 1 or more")
+
+
 def default_nlist(n: int) -> int:
     """IVF cells: about 4 sqrt(N), at least 39 training points per cell (faiss's minimum advice)."""
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
@@ -155,6 +161,8 @@ class Gallery:
               ef_search: int = 128, pq_m: int | None = None, k_factor: int = 100, seed: int = 0) -> Gallery:
         if kind not in KINDS:
             raise DcqError(f"--index {kind}: choose one of {', '.join(KINDS)}")
+        _positive(nprobe=nprobe, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                  k_factor=k_factor)
         x = unit_rows(emb, "gallery embeddings")
         if len(x) == 0:
             raise DcqError("gallery embeddings: no rows to enrol")
@@ -170,6 +178,9 @@ class Gallery:
                 train_ivf(index, x, nlist, seed)
                 params = {"nlist": nlist, "nprobe": int(nprobe)}
             elif kind == "ivfpq":
+                if len(x) < 256:  # 16 centroids per sub-quantiser need more rows than that to train
+                    raise DcqError(f"--index ivfpq needs at least 256 embeddings to train its codes, got {len(x)}; "
+                                   "use --index flat (exact) for a small gallery")
                 nlist = checked_nlist(nlist, len(x))
                 pq_m = d // 4 if pq_m is None else int(pq_m)
                 base = ivfpq_base(faiss, d, nlist, pq_m)
@@ -230,6 +241,7 @@ class Gallery:
         when installed), faiss or numpy."""
         if k < 1:
             raise DcqError(f"-k {k}: ask for 1 or more neighbours")
+        _positive(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
         q = unit_rows(queries, "queries")
         self.check_model(q.shape[1], fingerprint, "the queries")
         k = min(int(k), self.count)
