@@ -4,6 +4,8 @@
 - ``metadata``: what `dcq export` writes into the ONNX file (input size, normalisation, colour
   order, embedding size, encoder) and how a model is fingerprinted.
 - ``embed_job``: `dcq embed --onnx` over folders of images, in resumable ``.npy`` shards.
-- ``gallery``: an enrolled set of embeddings, searched exactly (numpy / faiss) or approximately (faiss).
-- ``cli``: `dcq align`, `dcq gallery`.
+- ``photos``: one file decoded and aligned (or resized), or the reason it cannot be embedded.
+- ``gallery`` / ``gallery_store``: enrolled embeddings, searched exactly (numpy / faiss) or
+  approximately (faiss IVF, IVF-PQ, HNSW), and the one-file format they are kept in.
+- ``align_cli``, ``embed_cli``, ``gallery_cli``: `dcq align`, `dcq embed --onnx`, `dcq gallery`.
 """
