@@ -6,7 +6,7 @@ was trained for. Three kinds:
 - ``flat``: exact search. With faiss (the ``gallery`` extra) an ``IndexFlatIP``; without it a
   blocked numpy matrix product over the memory-mapped rows. Both return the exact top k.
 - ``ivf``: faiss ``IndexIVFFlat``: k-means cells, a query scans its ``nprobe`` nearest cells.
-- ``ivfpq``: the same cells holding 4-bit product-quantised codes (d/2 bytes a row at the default
+- ``ivfpq``: the same cells holding 4-bit product-quantised codes (d/8 bytes a row at the default
   ``pq_m`` = d/4) scanned with SIMD (faiss fast scan); the ``k_factor`` x k best are then re-ranked
   with the exact vectors (``IndexRefineFlat``). The fastest at a high recall in the benchmark.
 - ``hnsw``: faiss ``IndexHNSWFlat``: a navigable small-world graph, ``ef_search`` candidates.
