@@ -90,6 +90,18 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distractors", metavar="FILE.npy", help="with --dataset: distractor embeddings "
                         "(N, d) from `dcq embed`, added to the identification gallery (MegaFace style)")
     parser.add_argument("--folds", type=int, default=10, help="verification folds (default 10)")
+    bench = parser.add_argument_group("benchmark protocols (CKPT may also be an .onnx model)")
+    bench.add_argument("--ijb", metavar="DIR", help="IJB-B/C 1:1 template verification on insightface's layout "
+                       "(DIR/meta/<name>_*.txt, DIR/loose_crop/); JSON key \"ijb\"")
+    bench.add_argument("--ijb-name", choices=("ijbc", "ijbb"), default="ijbc",
+                       help="which IJB set's meta files (default ijbc)")
+    bench.add_argument("--megaface", metavar="DIR", help="MegaFace challenge-1 identification of the aligned "
+                       "probe set DIR/<identity>/<image> (or DIR/probes/...); JSON key \"megaface\"")
+    bench.add_argument("--megaface-distractors", nargs="+", metavar="FILE.npy",
+                       help="distractor embeddings from `dcq embed` with the same model (several files are "
+                       "read as one, in order; memory-mapped)")
+    bench.add_argument("--megaface-sizes", metavar="N,N,...",
+                       help="distractor-set sizes (default 10,100,... up to all of them)")
 
 
 def _set_names(bins: list[str]) -> list[str]:
@@ -107,10 +119,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from dcq.eval.pipeline import evaluate_checkpoint
     from dcq.eval.verification import roc_curve_points
 
-    if not args.bin and not args.dataset:
-        raise DcqError("nothing to evaluate: pass --bin FILE (verification pairs) and/or --dataset DIR")
+    from dcq.eval.embedder import is_onnx
+
+    if not args.bin and not args.dataset and not args.ijb and not args.megaface:
+        raise DcqError("nothing to evaluate: pass --bin FILE (verification pairs), --dataset DIR, --ijb DIR "
+                       "and/or --megaface DIR")
     if args.distractors and not args.dataset:
         raise DcqError("--distractors needs --dataset DIR (its probe set is identified against them)")
+    _check_protocol_args(args)
+    if is_onnx(args.checkpoint):
+        return _run_eval_model(args)
     _set_names(args.bin)
     json_path = Path(args.json) if args.json else None
     if json_path is not None and json_path.is_dir():
@@ -136,9 +154,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if results:
         print(verification_table(results))
     extra = _dataset_report(ev, distractors) if args.dataset else {}
+    protocols, ijb_curves = {}, {}
+    if args.ijb or args.megaface:
+        from dcq.eval.embedder import CheckpointModel
+
+        model = CheckpointModel.from_loaded(ev.encoder, ev.info, device, args.batch_size, not args.no_flip)
+        protocols, ijb_curves = _protocols(args, model)
     if json_path is not None:
-        if results:
-            _write_json(json_path, results)
+        if results or protocols:
+            _write_json(json_path, {**results, **protocols})
             print(f"wrote {json_path}")
         if extra:
             lt_path = json_path.with_name(json_path.stem + ".longtail.json")
@@ -152,22 +176,148 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"wrote {plot_roc(curves, out / 'roc.png')}")
         if extra.get("longtail"):
             print(f"wrote {plot_longtail({ev.info['which']: extra['longtail']['rows']}, out / 'longtail.png')}")
+        _plot_protocols(ijb_curves, out)
     return 0
 
 
-def _load_distractors(path):
+# --------------------------------------------------------------------------- benchmark protocols
+def _check_protocol_args(args) -> None:
+    """Every mistake in the IJB / MegaFace options, before any work."""
+    if args.megaface and not args.megaface_distractors:
+        raise DcqError("--megaface needs --megaface-distractors FILE.npy (embed the distractor images with "
+                       "`dcq embed MODEL DIR --out FILE.npy`)")
+    if args.megaface_distractors and not args.megaface:
+        raise DcqError("--megaface-distractors needs --megaface DIR (the probe set searched among them)")
+    if args.megaface_sizes and not args.megaface:
+        raise DcqError("--megaface-sizes needs --megaface DIR")
+    if args.megaface_sizes:
+        try:
+            args.megaface_sizes = [int(v) for v in args.megaface_sizes.split(",") if v.strip()]
+        except ValueError:
+            raise DcqError(f"--megaface-sizes {args.megaface_sizes!r}: give whole numbers, e.g. 10,100,1000") \
+                from None
+    if args.ijb and not Path(args.ijb).is_dir():
+        raise DcqError(f"--ijb {args.ijb}: folder not found; make a synthetic one with `dcq synth DIR --profile ijb`")
+    if args.megaface and not Path(args.megaface).is_dir():
+        raise DcqError(f"--megaface {args.megaface}: folder not found; make a synthetic one with "
+                       "`dcq synth DIR --profile megaface`")
+    clash = {"ijb", "megaface"} & set(Path(b).stem for b in args.bin)
+    if clash and (args.ijb or args.megaface):
+        raise DcqError(f"--bin {sorted(clash)[0]}.bin would share the JSON key of the {sorted(clash)[0]} results; "
+                       "rename the .bin file")
+    if args.megaface_distractors:
+        args.megaface_arrays = [_load_distractors(p, "--megaface-distractors") for p in args.megaface_distractors]
+
+
+def _protocols(args, model) -> tuple[dict, dict]:
+    """IJB and MegaFace results of `model`: ({"ijb": ..., "megaface": ...}, {name: (fpr, tpr)})."""
+    out, curves = {}, {}
+    progress = sys.stderr.isatty()
+    if args.ijb:
+        from dcq.eval.ijb import evaluate_ijb, ijb_table
+
+        ev = evaluate_ijb(model, args.ijb, args.ijb_name, batch_size=args.batch_size, progress=progress)
+        m = ev.metrics
+        out["ijb"] = {args.ijb_name: m}
+        curves[args.ijb_name] = (ev.fpr, ev.tpr)
+        print(f"\n{args.ijb_name}: {m['images']} crops embedded in {ev.embed_seconds:.1f} s "
+              f"({m['images'] / max(ev.embed_seconds, 1e-9):.0f} crops/s); {m['pairs']} template pairs "
+              f"({m['genuine_pairs']} genuine) scored in {ev.score_seconds:.1f} s")
+        print(ijb_table(out["ijb"]))
+    if args.megaface:
+        from dcq.eval.megaface import embed_probe_folder, megaface_identification, megaface_table
+
+        emb, labels = embed_probe_folder(model, args.megaface, args.batch_size, progress)
+        result = megaface_identification(emb, labels, args.megaface_arrays, args.megaface_sizes)
+        out["megaface"] = result
+        print(f"\nMegaFace identification: {result['probe_images']} probe images of {result['probe_identities']} "
+              f"identities, {result['pairs']} (gallery, probe) pairs")
+        print(megaface_table(result))
+    return out, curves
+
+
+def _plot_protocols(curves: dict, out: Path) -> None:
+    if curves:
+        from dcq.eval.plots import plot_roc
+
+        print(f"wrote {plot_roc(curves, out / 'ijb_roc.png', title='IJB 1:1 template verification ROC')}")
+
+
+def _run_eval_model(args) -> int:
+    """`dcq eval MODEL.onnx`: .bin verification and the benchmark protocols through onnxruntime."""
+    from dcq.eval.embedder import describe, open_model
+    from dcq.eval.verification import roc_curve_points, verify_scores
+
+    if args.dataset:
+        raise DcqError("--dataset (long-tail report) needs a dcq checkpoint .pt; an .onnx model works with "
+                       "--bin, --ijb and --megaface")
+    names = _set_names(args.bin)
+    for b in args.bin:
+        if not Path(b).is_file():
+            raise DcqError(f"--bin {b}: file not found")
+    if args.batch_size < 1:
+        raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None:
+        if json_path.is_dir():
+            raise DcqError(f"--json {json_path} is a directory; give a file name such as metrics.json")
+        ensure_writable(json_path)
+    if args.plots:
+        ensure_writable(Path(args.plots) / "roc.png")
+    model = open_model(args.checkpoint, batch_size=args.batch_size, flip=not args.no_flip)
+    print(describe(model))
+    results, curves = {}, {}
+    for name, b in zip(names, args.bin):
+        scores, issame = _bin_scores(model, b, args.batch_size)
+        results[name] = verify_scores(scores, issame, n_folds=args.folds)
+        if issame.any() and not issame.all():
+            curves[name] = roc_curve_points(scores, issame)[:2]
+    if results:
+        print(verification_table(results))
+    protocols, ijb_curves = _protocols(args, model)
+    if json_path is not None:
+        _write_json(json_path, {**results, **protocols})
+        print(f"wrote {json_path}")
+    if args.plots:
+        from dcq.eval.plots import plot_roc
+
+        out = Path(args.plots)
+        if curves:
+            print(f"wrote {plot_roc(curves, out / 'roc.png')}")
+        _plot_protocols(ijb_curves, out)
+    return 0
+
+
+def _bin_scores(model, path, batch_size: int):
+    """Cosine scores and issame flags of a .bin's pairs, embedded by `model` one batch at a time."""
+    import numpy as np
+
+    from dcq.data.transforms import decode_image
+    from dcq.data.verification_bin import read_bin
+    from dcq.eval.verification import cosine_scores
+
+    images, issame = read_bin(path)
+    if len(issame) == 0:
+        raise DcqError(f"{path}: holds no pairs")
+    emb = np.concatenate([model.embed(np.stack([decode_image(img, model.image_size, where=f"{path} image {k}")
+                                                for k, img in enumerate(images[s:s + batch_size], start=s)]))
+                          for s in range(0, len(images), batch_size)])
+    return cosine_scores(emb[0::2], emb[1::2]), np.asarray(issame)
+
+
+def _load_distractors(path, option: str = "--distractors"):
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
-        raise DcqError(f"--distractors {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
+        raise DcqError(f"{option} {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
     try:
         distractors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise DcqError(f"--distractors {path}: not a .npy embedding array ({exc})") from None
+        raise DcqError(f"{option} {path}: not a .npy embedding array ({exc})") from None
     bad = _non_finite_rows(distractors)
     if bad:
-        raise DcqError(f"--distractors {path}: {bad} of {len(distractors)} embeddings hold NaN or Inf; "
+        raise DcqError(f"{option} {path}: {bad} of {len(distractors)} embeddings hold NaN or Inf; "
                        "re-create the file with `dcq embed`")
     return distractors
 
