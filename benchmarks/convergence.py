@@ -54,7 +54,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", required=True)
     parser.add_argument("--plot-dir", default=None, help="write convergence-<profile>.png here")
     parser.add_argument("--redo", action="store_true", help="run again what --json already records")
+    parser.add_argument("--markdown", default=None, help="write the tables of --json here")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no training: merge these result files into --json, then write plots and tables")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args)
 
     import torch
 
@@ -76,6 +81,9 @@ def main(argv=None) -> int:
 
     payload = load_payload(args.json)
     payload.update(command=command, machine=machine())
+    payload.setdefault("commands", [])
+    if command not in payload["commands"]:
+        payload["commands"].append(command)
     for profile, data in datasets.items():
         for seed in seeds:
             for name, settings in runs:
@@ -95,9 +103,81 @@ def main(argv=None) -> int:
                       + (f"epoch {last['epoch']} accuracy {last['accuracy']:.4f}" if last else "FAILED "
                          + failure["error"]) + f" ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
                 write_payload(args.json, payload)
-                if args.plot_dir:
-                    plot(payload["rows"], args.plot_dir)
+                write_reports(args, payload)
     return 0
+
+
+def merge(args) -> int:
+    """Rows of several result files (one per profile or per batch of runs) in one file."""
+    payload = {"rows": [], "failures": [], "commands": []}
+    for path in args.merge:
+        part = load_payload(path)
+        payload["rows"] += part["rows"]
+        payload["failures"] += part["failures"]
+        payload["commands"] += part.get("commands") or [part["command"]]
+        payload.setdefault("machine", part.get("machine"))
+    write_payload(args.json, payload)
+    write_reports(args, payload)
+    return 0
+
+
+def write_reports(args, payload) -> None:
+    from dcq.atomic import atomic_write
+
+    if args.plot_dir:
+        plot(payload["rows"], args.plot_dir)
+    if args.markdown:
+        text = markdown(payload["rows"])
+        atomic_write(args.markdown, lambda f: f.write(text.encode()))
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(values, digits=4) -> str:
+    """'mean (a / b)' over seeds."""
+    shown = [f"{v:.{digits}f}" if v is not None else "n/a" for v in values]
+    mean = _mean(values)
+    return "n/a" if mean is None else (f"{mean:.{digits}f}" + (f" ({' / '.join(shown)})" if len(values) > 1 else ""))
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per profile: the last epoch of every run (mean over seeds, each seed in brackets), and
+    accuracy against epochs (mean over seeds)."""
+    lines = []
+    for profile in dict.fromkeys(r["profile"] for r in rows):
+        mine = [r for r in rows if r["profile"] == profile]
+        runs = list(dict.fromkeys(r["run"] for r in mine))
+        last_epoch = max(r["epoch"] for r in mine)
+        buckets = ["1-2", "3-9"] if any(r.get("rank1_buckets") for r in mine) else []
+        first = mine[0]
+        lines += [f"### {profile}-like: {first['identities']:,} identities, {first['images']:,} images, "
+                  f"{first['val_pairs']:,} verification pairs", "",
+                  f"At epoch {last_epoch} (mean over seeds; each seed in brackets):", "",
+                  "| run | seeds | accuracy | TAR@FAR=1e-3 | TAR@FAR=1e-2 | "
+                  + "".join(f"rank-1 {b} | " for b in buckets) + "train s |",
+                  "|---|---|---|---|---|" + "---|" * len(buckets) + "---|"]
+        for run in runs:
+            final = sorted((r for r in mine if r["run"] == run and r["epoch"] == last_epoch), key=lambda r: r["seed"])
+            if not final:
+                continue
+            cells = "".join(f"{_cell([r['rank1_buckets'].get(b) for r in final], 3)} | " for b in buckets)
+            lines.append(f"| {run} | {','.join(str(r['seed']) for r in final)} | "
+                         f"{_cell([r['accuracy'] for r in final])} | "
+                         f"{_cell([r['tar_at_far']['1e-3'] for r in final], 3)} | "
+                         f"{_cell([r['tar_at_far']['1e-2'] for r in final], 3)} | {cells}"
+                         f"{_mean([r['train_seconds'] for r in final]):.0f} |")
+        epochs = sorted({r["epoch"] for r in mine})
+        lines += ["", "Accuracy against epochs (mean over seeds):", "",
+                  "| run | " + " | ".join(str(e) for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
+        for run in runs:
+            by_epoch = {e: _mean([r["accuracy"] for r in mine if r["run"] == run and r["epoch"] == e]) for e in epochs}
+            lines.append(f"| {run} | " + " | ".join("" if by_epoch[e] is None else f"{by_epoch[e]:.4f}"
+                                                     for e in epochs) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def prepare(args) -> dict[str, Path]:

@@ -5,16 +5,18 @@ Configurations, all built side by side and timed in interleaved repeats (median 
 
 - ``backbone``  backbone forward + a tiny FC head (``--tiny-classes``, 100) + backward + SGD step:
                 the cost of training the feature extractor alone;
-- ``dcq@N``     DCQ: EMA update of the weight generator (`dcq.MomentumEncoder`) + key forward of
-                the reference images (no grad) + sample forward + DCQ head (queue ``--queue``,
-                prefilled) + backward + gradient clipping + SGD step;
+- ``dcq@N kK``  DCQ: EMA update of the weight generator (`dcq.MomentumEncoder`) + key forward of
+                the K reference images per item (no grad) + sample forward + DCQ head (queue
+                ``--queue``, prefilled; ``+ib``: the batch's own generated weights as negatives too)
+                + backward + gradient clipping + SGD step, for each recipe of ``--recipes``
+                (``k1``: the official code's; ``k2+ib``: `dcq train`'s default);
 - ``fc@N``      backbone + FullFC over N classes + backward + gradient clipping + SGD step.
 
 Every configuration runs `dcq.train.step.TrainStep`, the step `dcq train` runs (GradScaler and
 gradient clipping at ``--grad-clip``, 5.0 as in the default config, included).
 
-The printed ratio "vs backbone" is step time / backbone-only step time. The floor for DCQ is one
-extra no-grad forward pass of the backbone (about 1.3x on CPU with cpunet).
+The printed ratio "vs backbone" is step time / backbone-only step time. The floor for DCQ is K
+extra no-grad forward passes of the backbone (about 1.3x per reference on CPU with cpunet).
 
 Defaults are the CPU setting (cpunet at 40 px, 128-d embedding, batch 128, FC at 1e5 classes);
 the GPU setting is ``--device cuda --amp bf16 --backbone iresnet50 --image-size 112 --dim 512``.
@@ -84,11 +86,30 @@ class Options:
     seed: int
 
 
+def parse_recipes(text: str) -> list[tuple[int, bool]]:
+    """'k1,k2+ib' -> [(1, False), (2, True)]: references per class weight, in-batch negatives."""
+    recipes = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        body, _, extra = item.partition("+")
+        if not body.startswith("k") or not body[1:].isdigit() or int(body[1:]) < 1 or extra not in ("", "ib"):
+            raise DcqError(f"--recipes: {item!r} is not kK or kK+ib (e.g. k1,k2+ib)")
+        recipes.append((int(body[1:]), extra == "ib"))
+    if not recipes:
+        raise DcqError("--recipes: give at least one recipe, e.g. k1,k2+ib")
+    return recipes
+
+
+def recipe_name(recipe: tuple[int, bool]) -> str:
+    return f"k{recipe[0]}" + ("+ib" if recipe[1] else "")
+
+
 class StepRunner:
     """One configuration: backbone (+ weight generator) + head + SGD in a TrainStep, on random images."""
 
-    def __init__(self, mode: str, classes: int, opt: Options, pool):
+    def __init__(self, mode: str, classes: int, opt: Options, pool, recipe: tuple[int, bool] = (1, False)):
         self.mode, self.classes, self.opt, self.pool = mode, classes, opt, pool
+        self.references, in_batch = recipe
+        self.recipe = recipe
         self.times: list[float] = []
         self.index = 0
         dev = opt.device
@@ -100,7 +121,8 @@ class StepRunner:
         generator = None
         if mode == "dcq":
             generator = dcq.MomentumEncoder(backbone, momentum=0.999).to(dev)
-            head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=opt.queue).to(dev)
+            head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=opt.queue,
+                                         in_batch_negatives=in_batch).to(dev)
             gen = torch.Generator().manual_seed(opt.seed + 1)
             keys = nn.functional.normalize(torch.randn(opt.queue, opt.dim, generator=gen), dim=1)
             head.queue.enqueue(keys.to(dev), torch.randint(0, classes, (opt.queue,), generator=gen).to(dev))
@@ -109,6 +131,7 @@ class StepRunner:
                 head = dcq.FullFC(opt.dim, classes).to(dev)
         params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        head.bind_optimizer(optimizer)
         self.train_step = TrainStep(backbone, head, optimizer, generator, amp=opt.amp, grad_clip=opt.grad_clip)
         self.train_step.train()
         self.labels = [torch.randint(0, classes, (opt.batch,), generator=torch.Generator().manual_seed(i)).to(dev)
@@ -116,13 +139,15 @@ class StepRunner:
 
     @property
     def name(self) -> str:
-        return "backbone" if self.mode == "backbone" else f"{self.mode}@{self.classes:g}"
+        if self.mode == "backbone":
+            return "backbone"
+        return f"{self.mode}@{self.classes:g}" + (f" {recipe_name(self.recipe)}" if self.mode == "dcq" else "")
 
     def step(self) -> None:
         i = self.index % len(self.pool)
         self.index += 1
         samples, references = self.pool[i]
-        self.train_step(samples, references.unsqueeze(1), self.labels[i])  # one reference per sample
+        self.train_step(samples, references[:, :self.references], self.labels[i])  # (B, K, 3, S, S)
 
     def timed_step(self) -> float:
         return timed(self.step, self.opt.device)
@@ -140,8 +165,8 @@ class StepRunner:
         self.train_step = None
 
 
-def _built_and_warm(mode: str, classes: int, opt: Options, pool, warmup: int) -> StepRunner:
-    runner = StepRunner(mode, classes, opt, pool)
+def _built_and_warm(mode: str, classes: int, opt: Options, pool, warmup: int, recipe=(1, False)) -> StepRunner:
+    runner = StepRunner(mode, classes, opt, pool, recipe)
     for _ in range(warmup):
         runner.step()
     return runner
@@ -170,6 +195,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fc-classes", default="1e5",
                    help="classes of the FC rows; 'none' for no FC (default: %(default)s)")
     p.add_argument("--queue", type=int, default=8192, help="DCQ queue size (default: %(default)s)")
+    p.add_argument("--recipes", default="k1,k1+ib,k2+ib",
+                   help="DCQ recipes: kK = K references per class weight, +ib = in-batch negatives "
+                        "(default: %(default)s; k2+ib is dcq train's default)")
     p.add_argument("--tiny-classes", type=int, default=100, help="the backbone-only row's FC (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="timed steps per configuration (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
@@ -218,32 +246,37 @@ def run(args: argparse.Namespace) -> int:
                   args.amp, args.channels_last, args.grad_clip, args.seed)
     dcq_classes = parse_counts(args.dcq_classes, "--dcq-classes")
     fc_classes = [] if str(args.fc_classes).lower() == "none" else parse_counts(args.fc_classes, "--fc-classes")
-    plan = [("backbone", args.tiny_classes)] + [("dcq", n) for n in dcq_classes] + [("fc", n) for n in fc_classes]
+    recipes = parse_recipes(args.recipes)
+    plan = ([("backbone", args.tiny_classes, None)] + [("dcq", n, r) for n in dcq_classes for r in recipes]
+            + [("fc", n, None) for n in fc_classes])
+    k_max = max(k for k, _ in recipes)
 
     gen = torch.Generator().manual_seed(args.seed)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    pool = [tuple(torch.randn(args.batch, 3, image_size, image_size, generator=gen).to(device)
-                  .contiguous(memory_format=fmt) for _ in range(2)) for _ in range(2)]
+    pool = [(torch.randn(args.batch, 3, image_size, image_size, generator=gen).to(device).contiguous(memory_format=fmt),
+             torch.randn(args.batch, k_max, 3, image_size, image_size, generator=gen).to(device))
+            for _ in range(2)]
     param_bytes = sum(p.numel() * p.element_size() for p in dcq.models.get_backbone(
         args.backbone, embedding_size=args.dim, image_size=image_size).parameters())
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    results: dict[tuple[str, int], dict[str, Any]] = {}
-    runners: dict[tuple[str, int], StepRunner] = {}
-    for mode, classes in plan:
+    results: dict[tuple, dict[str, Any]] = {}
+    runners: dict[tuple, StepRunner] = {}
+    for key in plan:
+        mode, classes, recipe = key
         need = estimated_need(mode, classes, opt, param_bytes)
         budget = int(BUDGET_SHARE * available_memory(device))
         if device.type == "cpu" and need > budget:
-            results[(mode, classes)] = {"error": OOM}
+            results[key] = {"error": OOM}
             log(f"{mode}@{classes:g}: needs ~{format_bytes(need)} > budget {format_bytes(budget)}: {OOM}")
             continue
-        ok, runner = attempt(_built_and_warm, mode, classes, opt, pool, args.warmup)
+        ok, runner = attempt(_built_and_warm, mode, classes, opt, pool, args.warmup, recipe or (1, False))
         if ok:
-            runners[(mode, classes)] = runner
+            runners[key] = runner
         else:
-            _drop(runners, results, (mode, classes), device, log)
+            _drop(runners, results, key, device, log)
         del runner
     log(f"timing {', '.join(r.name for r in runners.values())}: {args.repeats} interleaved repeats")
     time_interleaved(runners, args.repeats, lambda key: _drop(runners, results, key, device, log))
@@ -264,10 +297,11 @@ def run(args: argparse.Namespace) -> int:
     free_memory(device)
 
     rows = []
-    base = results.get(("backbone", args.tiny_classes), {}).get("step_ms")
-    for mode, classes in plan:
-        res = results[(mode, classes)]
-        row = {"mode": mode, "classes": classes, "queue_size": args.queue if mode == "dcq" else None}
+    base = results.get(("backbone", args.tiny_classes, None), {}).get("step_ms")
+    for mode, classes, recipe in plan:
+        res = results[(mode, classes, recipe)]
+        row = {"mode": mode, "classes": classes, "queue_size": args.queue if mode == "dcq" else None,
+               "references": recipe[0] if recipe else None, "in_batch_negatives": recipe[1] if recipe else None}
         if "error" in res:
             row.update(step_ms=None, samples_per_s=None, vs_backbone=None, resident_bytes=None,
                        peak_bytes=None, error=res["error"])
@@ -280,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_rows(rows, args.batch))
     for row in rows:
         if row["mode"] == "dcq" and row.get("vs_backbone"):
-            print(f"DCQ step / backbone-only step ({row['classes']:g} identities): {row['vs_backbone']:.3f}")
+            print(f"DCQ {recipe_name((row['references'], row['in_batch_negatives']))} step / backbone-only step "
+                  f"({row['classes']:g} identities): {row['vs_backbone']:.3f}")
     config = {
         "benchmark": "train_step", "backbone": args.backbone, "image_size": image_size, "dim": args.dim,
         "batch": args.batch, "queue": args.queue, "tiny_classes": args.tiny_classes, "repeats": args.repeats,
@@ -304,7 +339,7 @@ def _drop(runners, results, key, device, log) -> None:
         runner.close()
     results[key] = {"error": OOM}
     free_memory(device)
-    log(f"{key[0]}@{key[1]:g}: {OOM}")
+    log(f"{key[0]}@{key[1]:g}{' ' + recipe_name(key[2]) if key[2] else ''}: {OOM}")
 
 
 def format_rows(rows: list[dict[str, Any]], batch: int) -> str:
@@ -312,6 +347,8 @@ def format_rows(rows: list[dict[str, Any]], batch: int) -> str:
     lines = []
     for r in rows:
         name = "backbone" if r["mode"] == "backbone" else f"{r['mode']}@{r['classes']:g}"
+        if r["mode"] == "dcq":
+            name += " " + recipe_name((r["references"], r["in_batch_negatives"]))
         if r.get("error"):
             lines.append([name, r["error"], "", "", "", ""])
             continue

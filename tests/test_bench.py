@@ -154,10 +154,19 @@ def test_train_step_tiny_cpu(tmp_path):
                                  "--warmup", "0", "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["backbone", "dcq", "fc"]
+    assert [r["mode"] for r in rows] == ["backbone", "dcq", "dcq", "dcq", "fc"]
+    assert [(r["references"], r["in_batch_negatives"]) for r in rows[1:4]] == [(1, False), (1, True), (2, True)]
     assert rows[0]["vs_backbone"] == 1.0
     for r in rows:
         assert r["step_ms"] > 0 and r["peak_bytes"] >= r["resident_bytes"] > 0
+
+
+def test_train_step_recipes_are_parsed_or_refused():
+    ts = load_train_step()
+    assert ts.parse_recipes("k1, k2+ib") == [(1, False), (2, True)]
+    for bad in ("k0", "2", "k2+queue", ""):
+        with pytest.raises(DcqError, match="--recipes"):
+            ts.parse_recipes(bad)
 
 
 def test_benchmarks_run_the_training_step():
@@ -184,7 +193,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     heads = json.loads((tmp_path / "heads_gpu.json").read_text())
     assert heads["config"]["dtype"] == "bf16" and all(set(r) == DESIGN_KEYS for r in heads["rows"])
     steps = json.loads((tmp_path / "train_step_gpu.json").read_text())
-    assert [r["mode"] for r in steps["rows"]] == ["backbone", "dcq", "dcq", "fc", "fc"]
+    assert [r["mode"] for r in steps["rows"]] == ["backbone"] + ["dcq"] * 6 + ["fc", "fc"]  # 2 sizes x 3 recipes
 
 
 def test_time_interleaved_rotates_the_order_and_drops_a_runner_out_of_memory():

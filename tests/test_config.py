@@ -7,7 +7,7 @@ import pytest
 from dcq.cli import main
 from dcq.errors import DcqError
 from dcq.train.config import build_config, load_config
-from dcq.train.loop import lr_factor
+from dcq.train.build import lr_factor
 
 
 def test_old_keys_are_read_as_the_new_ones_with_a_note(capsys):
@@ -97,6 +97,6 @@ def test_resume_notes_every_changed_loss_key(tiny_dataset, tmp_path):
     assert main(["train", *_set(_tiny(tiny_dataset, out, max_steps=2, in_batch_negatives="false"))]) == 0
     assert main(["train", "--resume", *_set(_tiny(tiny_dataset, out, max_steps=3, margin=0.25))]) == 0
     log = (out / "train.log").read_text()
-    assert "resumed with in_batch_negatives=True (the checkpoint trained with False)" in log
+    assert "resumed with in_batch_negatives='auto' (the checkpoint trained with False)" in log
     assert "resumed with margin=0.25" in log
     assert "resumed with num_references" not in log  # unchanged keys are not noted

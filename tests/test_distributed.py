@@ -104,8 +104,9 @@ for head in args["heads"]:
             queues.append([t.head.queue.weights.clone(), t.head.queue.labels.clone()])
     momentum = {name: t.head.gather_rows(t.optimizer.state[p]["momentum_buffer"])
                 for name, p in t.head.named_parameters() if name == "weight"}
-    results[head] = {"losses": losses, "queues": queues, "backbone": t.backbone.state_dict(),
-                     "generator": t.generator.encoder.state_dict() if t.generator else None,
+    generator = t.model.weight_generator
+    results[head] = {"losses": losses, "queues": queues, "backbone": t.model.feature_extractor.state_dict(),
+                     "generator": generator.encoder.state_dict() if generator else None,
                      "head": t.head.state_dict(), "momentum": momentum}
 if int(__import__("os").environ.get("RANK", "0")) == 0:
     torch.save(results, args["out"])
@@ -275,7 +276,7 @@ def test_killed_rank_ends_the_survivor_with_one_line(folder_dataset, tmp_path):
     assert waited < timeout + 10
     lines = [line for line in err.strip().splitlines() if "error" in line]
     assert len(lines) == 1 and "rank 0 of 2" in lines[0] and "Traceback" not in err, err[-2000:]
-    from dcq.checkpoint import latest_checkpoint
+    from dcq.train.rundir import latest_checkpoint
 
     newest = load_checkpoint(latest_checkpoint(out))
     assert newest["head"]["weight"].shape == (12, 16)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcq.margins import Margin, make_margin
+from dcq.heads.margins import Margin, make_margin
 
 
 def reference_target(cos, m1, m2, m3):

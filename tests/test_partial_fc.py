@@ -39,25 +39,46 @@ def test_sample_rate_one_trains_like_full_fc(rng):
     assert torch.allclose(fc.weight.detach(), pfc.weight, atol=1e-5)
 
 
-def test_no_binding_needed_and_two_heads_stay_apart(rng):
-    """The head finds the optimiser holding its sub_weight by itself; another head's optimiser
-    stepping does not touch it."""
+def test_two_bound_heads_stay_apart(rng):
+    """Each head acts only on the steps of the optimiser it is bound to: two identical heads stay
+    identical while a third head's optimiser steps beside them."""
     torch.manual_seed(0)
     a, b = PartialFC(6, 40, sample_rate=0.25, seed=1), PartialFC(6, 40, sample_rate=0.25, seed=1)
     b.weight.copy_(a.weight)
-    bound = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    a.bind_optimizer(bound)  # a check only
-    free = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     other = PartialFC(6, 40, sample_rate=0.25)
     other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    for head, opt in ((a, opt_a), (b, opt_b), (other, other_opt)):
+        head.bind_optimizer(opt)
     for _ in range(3):
         emb = torch.tensor(rng.normal(size=(5, 6)), dtype=torch.float32)
         labels = torch.tensor(rng.integers(0, 40, 5))
-        for head, opt in ((a, bound), (b, free), (other, other_opt)):
+        for head, opt in ((a, opt_a), (b, opt_b), (other, other_opt)):
             opt.zero_grad()
             head(emb, labels).loss.backward()
             opt.step()
     assert torch.equal(a.weight, b.weight) and torch.equal(a.state_momentum_buffer, b.state_momentum_buffer)
+    assert not torch.equal(a.weight, other.weight)
+
+
+def test_importing_dcq_registers_no_global_optimiser_hooks():
+    import torch.optim.optimizer as optimizer_module
+
+    import dcq.heads.partial_fc  # noqa: F401
+
+    assert not optimizer_module._global_optimizer_pre_hooks and not optimizer_module._global_optimizer_post_hooks
+
+
+def test_an_unbound_optimiser_step_is_caught_at_the_next_forward():
+    pfc = PartialFC(4, 50, sample_rate=0.2, seed=2)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.5)
+    labels = torch.tensor([1, 2, 3])
+    pfc(torch.randn(3, 4), labels)  # forward-only use (no step) is fine
+    pfc(torch.randn(3, 4), labels).loss.backward()
+    opt.step()  # sub_weight changed, but nothing scatters it back into weight
+    with pytest.raises(ValueError, match="bind_optimizer"):
+        pfc(torch.randn(3, 4), labels)
 
 
 def test_positives_always_sampled_and_targets_remapped():

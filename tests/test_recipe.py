@@ -18,6 +18,7 @@ import yaml
 from dcq.demo import DEMO_TRAIN, HEAD_SETTINGS
 from dcq.heads import DynamicClassQueue
 from dcq.train.config import build_config
+from dcq.train.build import IN_BATCH_MIN_BATCHES, uses_in_batch_negatives
 from dcq.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,22 +28,46 @@ def test_defaults_are_the_recipe_and_the_paper_config_stays_the_paper():
     cfg = build_config({"head": "dcq"})
     assert cfg.num_references == 2 and cfg.references == 2
     assert cfg.generator_momentum == 0.9
-    assert cfg.in_batch_negatives is True
+    assert cfg.in_batch_negatives == "auto"
     assert cfg.queue_fraction == 0.1 and cfg.queue_size == 0
     assert build_config({"head": "fc"}).references == 1  # FC/PFC decode one reference, which they ignore
     demo = {**DEMO_TRAIN, **HEAD_SETTINGS["dcq"]}
     assert demo["queue_fraction"] == 0.1  # the paper's 10% queue, not a larger one
-    assert "num_references" not in demo and "generator_momentum" not in demo  # the demo runs the defaults,
-    assert demo["in_batch_negatives"] is False  # but for in-batch negatives: its queue holds ~one batch
+    assert not {"num_references", "generator_momentum", "in_batch_negatives"} & set(demo)  # the demo runs the
+    # defaults; its 150-entry queue (10% of 1,500 identities) is under two batches of 128: auto -> off
+    assert not uses_in_batch_negatives(build_config(demo), queue_size=150)
     paper = yaml.safe_load((ROOT / "configs" / "paper_ms1mv2.yaml").read_text())
     assert paper["generator_momentum"] == 0.999 and paper["num_references"] == 1
     assert paper["in_batch_negatives"] is False
 
 
+def test_auto_in_batch_negatives_is_on_once_the_queue_spans_two_global_batches():
+    cfg = build_config({"head": "dcq", "batch_size": 128})
+    assert IN_BATCH_MIN_BATCHES == 2.0
+    assert not uses_in_batch_negatives(cfg, queue_size=255) and uses_in_batch_negatives(cfg, queue_size=256)
+    assert not uses_in_batch_negatives(cfg, queue_size=256, world_size=2)  # the global batch counts
+    assert uses_in_batch_negatives(cfg, queue_size=512, world_size=2)
+    for explicit in (True, False):  # set explicitly, the queue length does not matter
+        forced = build_config({"head": "dcq", "batch_size": 128, "in_batch_negatives": explicit})
+        assert uses_in_batch_negatives(forced, queue_size=10) is explicit
+        assert uses_in_batch_negatives(forced, queue_size=100_000) is explicit
+
+
+def test_trainer_logs_what_auto_chose(tiny_dataset, tmp_path):
+    base = {"backbone": "cpunet", "embedding_size": 8, "image_size": 32, "batch_size": 8,
+            "train_data": str(tiny_dataset), "max_steps": 1, "workers": 0, "progress": False, "threads": 1}
+    for queue, chosen in ((15, False), (16, True)):  # 2 x batch 8 = 16
+        out = tmp_path / f"q{queue}"
+        Trainer(build_config({**base, "queue_size": queue, "output": str(out)})).run()
+        assert f"queue_size={queue}" in (out / "train.log").read_text()
+        assert f"in_batch_negatives={chosen}" in (out / "train.log").read_text()
+
+
 def test_trainer_gives_the_head_two_different_references_per_item(tiny_dataset, tmp_path, monkeypatch):
     cfg = build_config({"backbone": "cpunet", "embedding_size": 16, "image_size": 32, "batch_size": 16,
                         "train_data": str(tiny_dataset), "output": str(tmp_path / "run"), "max_steps": 1,
-                        "workers": 0, "progress": False, "threads": 1, "checkpoint_every": 0}, "test")
+                        "workers": 0, "progress": False, "threads": 1, "checkpoint_every": 0,
+                        "in_batch_negatives": True}, "test")
     trainer = Trainer(cfg)
     labels = np.asarray(trainer.source.labels)
     counts = np.bincount(labels)

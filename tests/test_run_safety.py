@@ -14,12 +14,14 @@ from test_train import ROOT, tiny_config
 from dcq.errors import DcqError
 from dcq.checkpoint import load_checkpoint, save_checkpoint
 from dcq.train.loop import Trainer, train
-from dcq.checkpoint import checkpoint_files, latest_checkpoint
+from dcq.train.rundir import checkpoint_files, latest_checkpoint
 
 
-def dcq(*args, env=None, timeout=300):
+def dcq(*args, env=None, timeout=300, nan_at_step=None):
+    """`dcq ARGS`; `nan_at_step`: through tests/nan_injection.py, which poisons that step's loss."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dcq", *args], cwd=ROOT, env=full_env, capture_output=True,
+    entry = ["-m", "dcq"] if nan_at_step is None else [str(ROOT / "tests" / "nan_injection.py"), str(nan_at_step)]
+    return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -191,6 +193,6 @@ def test_exploding_run_stops_with_the_step_named(tiny_dataset, tmp_path):
 
 def test_nan_at_step_one_does_not_claim_a_checkpoint(tiny_dataset, tmp_path):
     p = dcq("train", write_config(tmp_path / "c.yaml", tiny_config(tiny_dataset, tmp_path / "run", max_steps=3)),
-            env={"DCQ_INJECT_NAN_STEP": "1"})
+            nan_at_step=1)
     one_error_line(p, "step 1: loss is nan")
     assert "untouched" not in p.stderr and "no checkpoint was written yet" in p.stderr

@@ -53,9 +53,11 @@ def test_each_head_trains_and_loss_falls(tiny_dataset, tmp_path, head):
     assert (tmp_path / head / "tb").is_dir() and (tmp_path / head / "train.log").is_file()
 
 
-def _cli(args, env=None, **kw):
+def _cli(args, env=None, nan_at_step=None, **kw):
+    """`dcq ARGS` in a subprocess; `nan_at_step`: through tests/nan_injection.py, which poisons that step's loss."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "dcq", *args], cwd=ROOT, env=full_env,
+    entry = ["-m", "dcq"] if nan_at_step is None else [str(ROOT / "tests" / "nan_injection.py"), str(nan_at_step)]
+    return subprocess.Popen([sys.executable, *entry, *args], cwd=ROOT, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -122,7 +124,7 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path):
 
 def test_nan_stops_with_step_and_overwrites_nothing(tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset, tmp_path / "nan", max_steps=8, checkpoint_every=2)
-    p = _cli(["train", str(_write_yaml(tmp_path / "n.yaml", cfg))], env={"DCQ_INJECT_NAN_STEP": "5"})
+    p = _cli(["train", str(_write_yaml(tmp_path / "n.yaml", cfg))], nan_at_step=5)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2
     lines = [line for line in err.strip().splitlines() if "error" in line]

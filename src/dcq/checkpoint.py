@@ -1,28 +1,16 @@
-"""Checkpoints: one `torch.save`d dict, written atomically, loaded with `weights_only=True`.
+"""Checkpoint files: one `torch.save`d dict, written atomically, loaded with `weights_only=True`,
+and the evaluation encoder built from one.
 
-Model I/O, below both training and evaluation: `dcq.train` writes and resumes these files,
-`dcq.eval`, `dcq export` and the demo read them; neither side imports the other for it.
-
-Layout (all plain containers, tensors and scalars, so the restricted loader accepts it):
-
-    format: "dcq-checkpoint", version: 1
-    model: {backbone, embedding_size, image_size}
-    feature_extractor: state_dict          weight_generator: state_dict | None (DCQ only)
-    head, optimizer, scheduler: state_dicts (training checkpoints only)
-    step, epoch, sampler: {epoch, position}, rng: {...}, config: {...} (TrainConfig keys; older
-                                              checkpoints may hold the old key names)
-    threshold: float | None     (verification threshold of the last evaluation)
-    identity_names: list[str] | None
-    metrics: {...}              (last evaluation)
-
-An *export* (`final.pt`) holds only `model`, the encoders, `threshold`, `identity_names` and `config`.
+Model I/O, below both training and evaluation: `dcq.train` writes and resumes these files (their
+layout is documented where it is written, `dcq.train.state`), and `dcq.eval`, `dcq export` and the
+demo read them; neither side imports the other for it. Every file carries ``format``, ``version``
+and a ``checksum`` of its contents, so a damaged file is refused instead of half-read.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -97,33 +85,3 @@ def build_eval_encoder(ckpt: dict[str, Any], prefer: str = "weight_generator") -
     encoder.eval()
     info = {"which": which, "backbone": name, "embedding_size": dim, "image_size": size}
     return encoder, info
-
-
-STEP_PATTERN = re.compile(r"step_(\d+)\.pt")
-
-
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step of a training checkpoint's file name (exactly ``step_<digits>.pt``), else None: stray
-    names such as ``step_backup.pt`` or ``step_00000010 (copy).pt`` are not checkpoints."""
-    match = STEP_PATTERN.fullmatch(Path(path).name)
-    return int(match.group(1)) if match else None
-
-
-def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
-    """The training checkpoints in `directory`, oldest first: by modification time, then step, so
-    that after a rollback the checkpoints written last count as the newest, whatever their step."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        step = checkpoint_step(path)
-        if step is not None and path.is_file():
-            found.append((path.stat().st_mtime_ns, step, path))
-    return [path for _, _, path in sorted(found)]
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest training checkpoint in `directory`, or None."""
-    found = checkpoint_files(directory)
-    return found[-1] if found else None

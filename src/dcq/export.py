@@ -6,6 +6,10 @@ OUT; the same random batch goes through PyTorch and onnxruntime, and only when t
 embeddings (what face matching compares) agree within --atol does the file replace OUT. Raw
 embeddings are not compared with an absolute tolerance: a trained iresnet's outputs have norms in
 the thousands, where float32 rounding alone exceeds any fixed absolute bound.
+
+The file carries its preprocessing in ONNX ``metadata_props`` (``dcq.image_size``, ``dcq.mean``,
+``dcq.std``, ``dcq.color_order``, ``dcq.embedding_size``, ``dcq.encoder``, ``dcq.flip_test``,
+``dcq.version``; `dcq.deploy.metadata`), which `dcq embed --onnx` reads.
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ def export_onnx(encoder, image_size: int, out: Path, opset: int = 17) -> Path:
     return Path(out)
 
 
+def write_metadata(onnx_path: Path, metadata: dict[str, str]) -> None:
+    """Store ``metadata`` (string keys and values) in the model's ``metadata_props``, replacing keys it has."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    kept = [p for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(onnx_path))
+
+
 def check_against_onnxruntime(encoder, onnx_path: Path, image_size: int, batch: int = 2) -> float:
     """Max |difference| between the L2-normalised PyTorch and onnxruntime embeddings of a random batch."""
     import numpy as np
@@ -77,6 +94,8 @@ def check_against_onnxruntime(encoder, onnx_path: Path, image_size: int, batch: 
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from dcq import __version__
+    from dcq.deploy.metadata import export_metadata
     from dcq.eval.pipeline import load_encoder
 
     out = Path(args.onnx)
@@ -84,6 +103,9 @@ def run_export(args: argparse.Namespace) -> int:
     ensure_writable(out)
     with atomic_path(out) as tmp:  # OUT is replaced only when the check passes
         export_onnx(encoder, info["image_size"], tmp, args.opset)
+        write_metadata(tmp, export_metadata(image_size=info["image_size"], embedding_size=info["embedding_size"],
+                                            encoder=info["which"], backbone=str(info["backbone"]),
+                                            version=__version__))
         diff = check_against_onnxruntime(encoder, tmp, info["image_size"])
         if not diff <= args.atol:
             kept = "the previous file is untouched" if out.exists() else "nothing was written"

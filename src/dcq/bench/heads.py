@@ -121,6 +121,8 @@ class HeadRunner:
         self.head = head.to(device)
         params = [p for p in self.head.parameters() if p.requires_grad]
         self.optimizer = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4) if params else None)
+        if self.optimizer is not None:
+            self.head.bind_optimizer(self.optimizer)
         if case.head == "dcq":  # a full queue: random unit keys with random labels
             gen = torch.Generator(device="cpu").manual_seed(seed + 1)
             keys = torch.nn.functional.normalize(torch.randn(case.queue_size, dim, generator=gen), dim=1)

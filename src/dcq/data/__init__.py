@@ -19,6 +19,7 @@ from dcq.lazy import lazy_attributes
 
 _EXPORTS = {
     "FaceRecordIO": "dcq.data.recordio",
+    "FaceSource": "dcq.data.source",
     "RecordIOWriter": "dcq.data.recordio",
     "RecordReader": "dcq.data.recordio_format",
     "LabelGroups": "dcq.data.groups",
@@ -43,6 +44,7 @@ _EXPORTS = {
 __all__ = [
     "EvalTransform",
     "FaceRecordIO",
+    "FaceSource",
     "ImageFolderDataset",
     "LabelGroups",
     "PairDataset",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_face_recordio,
     )
     from dcq.data.recordio_format import RecordReader
+    from dcq.data.source import FaceSource
     from dcq.data.synthetic import synthesize
     from dcq.data.transforms import EvalTransform, TrainTransform, decode_image, to_tensor
     from dcq.data.verification_bin import read_bin, write_bin

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcq.data.groups import LabelGroups
+from dcq.data.source import FaceSource
 from dcq.errors import DcqError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "is_image_file", "open_dataset"]
@@ -23,8 +25,8 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-class ImageFolderDataset:
-    """One folder per identity; same attributes as ``FaceRecordIO`` so samplers do not care which.
+class ImageFolderDataset(FaceSource):
+    """One folder per identity (a `FaceSource`, like ``FaceRecordIO``).
 
     Folders without any image are skipped (they would be identities nobody can sample), and the
     numbering counts only the folders kept.
@@ -65,6 +67,7 @@ class ImageFolderDataset:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.raw_labels = self.labels
         self.num_identities = len(names)
+        self.groups = LabelGroups.from_labels(self.labels)
         starts = np.searchsorted(self.labels, np.arange(self.num_identities + 1))
         self._starts = starts
 
@@ -82,9 +85,6 @@ class ImageFolderDataset:
     def where(self, i: int) -> str:
         return f"{self.paths[self._check_index(i)]} (image {i})"
 
-    def label(self, i: int) -> int:
-        return int(self.labels[self._check_index(i)])
-
     def image_bytes(self, i: int) -> bytes:
         path = self.paths[self._check_index(i)]
         try:
@@ -92,14 +92,6 @@ class ImageFolderDataset:
                 return f.read()
         except OSError as exc:
             raise DcqError(f"{path}: cannot read image {i} ({exc.strerror}); was the folder changed?") from None
-
-    def image(self, i: int, image_size: int | None = None) -> np.ndarray:
-        from dcq.data.transforms import decode_image
-
-        return decode_image(self.image_bytes(i), image_size, where=self.where(i))
-
-    def __getitem__(self, i: int) -> tuple[bytes, int]:
-        return self.image_bytes(i), self.label(i)
 
     def indices_of(self, identity: int) -> np.ndarray:
         identity = int(identity)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ from dcq.data.recordio_format import (
     rebuild_index,
     unpack_record,
 )
+from dcq.data.recordio_writer import write_face_recordio
+from dcq.data.source import FaceSource
 from dcq.errors import DcqError
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CACHE_MIN_IDX_BYTES = 8 << 20  # cache="auto" caches an index of at least ~400k records
-_FLOAT32_EXACT = 1 << 24  # float32 labels hold integers exactly only up to here
 _CHUNK = 1 << 20
 _REBUILD = "rebuild it with dcq.data.recordio.rebuild_index(rec_path)"
 
@@ -89,8 +89,9 @@ class _KeyLookup:
         return np.where(self.sorted_keys[pos] == keys, self.table[pos], -1)
 
 
-class FaceRecordIO:
-    """Random-access insightface ``.rec`` dataset: ``len`` images, their labels, their encoded bytes.
+class FaceRecordIO(FaceSource):
+    """Random-access insightface ``.rec`` dataset (a `FaceSource`): ``len`` images, their labels,
+    their encoded bytes.
 
     ``labels`` (int32 below 2^31 identities) and ``offsets`` (int64) are arrays, memory-mapped
     read-only from the index cache when one is used: ``cache=True`` always, ``False`` never, ``"auto"``
@@ -100,7 +101,6 @@ class FaceRecordIO:
     its file handle.
     """
 
-    identity_names = None
 
     def __init__(self, rec_path, idx_path=None, *, relabel: bool = True, cache: bool | str = "auto"):
         self.rec_path = str(rec_path)
@@ -194,9 +194,6 @@ class FaceRecordIO:
             raise IndexError(f"image index {i} out of range for {n} images")
         return i
 
-    def label(self, i: int) -> int:
-        return int(self.labels[self._check_index(i)])
-
     def record(self, i: int) -> tuple[IRHeader, bytes]:
         """IRHeader and encoded image of image ``i``."""
         i = self._check_index(i)
@@ -208,15 +205,6 @@ class FaceRecordIO:
 
     def image_bytes(self, i: int) -> bytes:
         return self.record(i)[1]
-
-    def image(self, i: int, image_size: int | None = None) -> np.ndarray:
-        """Decoded uint8 HxWx3 RGB; a corrupt image raises DcqError naming file, record and offset."""
-        from dcq.data.transforms import decode_image
-
-        return decode_image(self.image_bytes(i), image_size, where=self.where(self._check_index(i)))
-
-    def __getitem__(self, i: int) -> tuple[bytes, int]:
-        return self.image_bytes(i), self.label(i)
 
     def indices_of(self, identity: int) -> np.ndarray:
         """Image indices of one identity (ascending)."""
@@ -413,65 +401,3 @@ class _IndexBuilder:
                 )
             out[lo:lo + heads.size] = rounded
         return out
-
-
-def write_face_recordio(out_dir, items: Iterable[tuple[int, bytes]], name: str = "train", *,
-                        header: bool = True, num_identities: int | None = None) -> dict:
-    """Write ``OUT/<name>.rec`` + ``.idx`` from ``(label, image_bytes)`` items, atomically.
-
-    ``header=True`` writes insightface's header layout (what MS1MV2 ships as): items must come sorted
-    by label (streamed, not held in memory); identity ``c`` gets a record with its image range even
-    when it has no images (``num_identities`` sets how many). ``header=False`` writes the plain
-    layout in item order (keys 0..N-1). Both files are written to temporary names and renamed at the
-    end, so an interrupted run leaves no .rec that looks complete.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rec_path, idx_path = out_dir / f"{name}.rec", out_dir / f"{name}.idx"
-    tmp_rec = out_dir / f".{name}.rec.tmp{os.getpid()}"
-    tmp_idx = out_dir / f".{name}.idx.tmp{os.getpid()}"
-    counts: list[int] = []
-    n = 0
-    try:
-        with RecordIOWriter(tmp_rec, tmp_idx) as w:
-            prev = -1
-            for label, img in items:
-                label = int(label)
-                if label < 0:
-                    raise DcqError(f"write_face_recordio: item {n} has negative label {label}")
-                if header:
-                    if label < prev:
-                        raise DcqError(
-                            f"write_face_recordio: item {n} has label {label} after label {prev}; the header "
-                            "layout needs items sorted by label (sort them, or pass header=False)"
-                        )
-                    if n + 1 >= _FLOAT32_EXACT:
-                        raise DcqError(
-                            "write_face_recordio: more than 2^24 images cannot be indexed exactly by float32 "
-                            "header labels; write the plain layout (header=False)"
-                        )
-                    prev = label
-                    w.write(n + 1, pack_record(float(label), img))
-                else:
-                    w.write(n, pack_record(float(label), img))
-                while len(counts) <= label:
-                    counts.append(0)
-                counts[label] += 1
-                n += 1
-            if header:
-                c_total = max(len(counts), int(num_identities or 0))
-                counts += [0] * (c_total - len(counts))
-                first = n + 1
-                start = 1
-                for c, k in enumerate(counts):
-                    w.write(first + c, pack_record(0.0, b"", extra_labels=(start, start + k)))
-                    start += k
-                w.write(0, pack_record(0.0, b"", extra_labels=(first, first + len(counts))))
-        os.replace(tmp_idx, idx_path)
-        os.replace(tmp_rec, rec_path)
-    finally:
-        for p in (tmp_rec, tmp_idx):
-            if p.exists():
-                p.unlink()
-    return {"rec": str(rec_path), "idx": str(idx_path), "images": n, "identities": len(counts),
-            "images_per_identity": counts}

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
 from dcq.errors import DcqError
+from dcq.seeds import stream_seed
 
 __all__ = ["EvalTransform", "TrainTransform", "decode_image", "resize_image", "to_tensor"]
 
@@ -132,7 +133,7 @@ class TrainTransform:
         owner = (None if info is None else info.id,)
         if self._gen is None or self._gen_owner != owner:
             worker = 0 if info is None else info.id + 1
-            self._gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + worker)
+            self._gen = torch.Generator().manual_seed(stream_seed(self.seed, worker))
             self._gen_owner = owner
         return self._gen
 

@@ -53,6 +53,11 @@ class Head(nn.Module):
         """Head-specific training metrics, logged beside the loss (name -> value)."""
         return {}
 
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Couple the head to the optimiser that steps its parameters. Call it once after building
+        the optimiser; heads whose parameters are plain (DCQ, FC) need nothing, Partial FC hooks
+        its gather/scatter of the sampled rows into that optimiser's steps."""
+
     shard: ClassShard | None = None  # heads with class centres sharded over ranks set this
 
     def sharded_parameters(self) -> list[nn.Parameter]:

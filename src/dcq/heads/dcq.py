@@ -26,14 +26,13 @@ recipe turns the first on and uses k = 2 references (docs/method.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
+from dcq.distributed import all_gather_cat
 from dcq.heads.base import Head, HeadOutput, check_labels
-from dcq.margins import make_margin
-from dcq.queue import ClassQueue
+from dcq.heads.margins import make_margin
+from dcq.heads.queue import ClassQueue
 
 
 class DynamicClassQueue(Head):
@@ -48,7 +47,7 @@ class DynamicClassQueue(Head):
         margin_type: str = "cosface",
         in_batch_negatives: bool = False,
         dedup: bool = False,
-        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        distributed: bool = False,
     ):
         super().__init__()
         self.embedding_size = int(embedding_size)
@@ -56,9 +55,9 @@ class DynamicClassQueue(Head):
         self.in_batch_negatives = bool(in_batch_negatives)
         self.dedup = bool(dedup)
         self.queue = ClassQueue(queue_size, embedding_size)
-        # Multi-process training: every rank enqueues the weights generated on all ranks, so the
-        # queues stay identical (`dcq.distributed.all_gather_cat`; None = this process only).
-        self.gather = gather
+        # distributed (under torchrun): every rank enqueues the weights generated on all ranks, so
+        # the queues stay identical; FC and Partial FC take the same flag to shard their centres.
+        self.distributed = bool(distributed)
 
     def class_weights(self, key: torch.Tensor) -> torch.Tensor:
         """Generated class weight per item: normalised key, or the renormalised mean of k keys."""
@@ -107,7 +106,7 @@ class DynamicClassQueue(Head):
             negatives = negatives.masked_fill(~self.negative_mask(labels), float("-inf"))
             # every rank's generated weights of this step: in-batch negatives over the global batch
             # (so N ranks train like one process with N times the batch), then the queue
-            w_all, labels_all = (w, labels) if self.gather is None else (self.gather(w), self.gather(labels))
+            w_all, labels_all = (all_gather_cat(w), all_gather_cat(labels)) if self.distributed else (w, labels)
             columns = [positive.unsqueeze(1), negatives]
             if self.in_batch_negatives:
                 in_batch = (q @ w_all.t()) * self.margin.scale

@@ -15,7 +15,7 @@ from torch import nn
 from dcq import distributed
 from dcq.heads.base import Head, HeadOutput, check_labels
 from dcq.heads.sharding import ClassShard, add_state_dict_sharding, init_centres, sharded_cross_entropy
-from dcq.margins import make_margin
+from dcq.heads.margins import make_margin
 
 
 def margin_softmax(head_margin, embeddings: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

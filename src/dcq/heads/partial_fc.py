@@ -4,9 +4,10 @@ Each step keeps every class present in the batch (positives) and fills up to
 `ceil(sample_rate * N)` centres with uniformly drawn negatives. Only the sampled rows take part in
 the loss, so only they may change in the optimiser step: the sampled rows are gathered into a
 small parameter `sub_weight` (the one the optimiser sees) together with their rows of optimiser
-state (e.g. SGD's momentum buffer); after the step both are scattered back. Nothing needs binding:
-torch's global optimiser step hooks tell every live PartialFC when *any* optimiser steps, and the
-head acts only for the optimiser that holds its `sub_weight`. Rows not sampled keep
+state (e.g. SGD's momentum buffer); after the step both are scattered back. `bind_optimizer`
+registers that gather/scatter as step hooks of the one optimiser that holds `sub_weight` (nothing is
+registered process-wide); a step by an optimiser that was never bound is caught at the next
+forward, which raises instead of silently losing the update. Rows not sampled keep
 their weight *and* their momentum, exactly like insightface's single-GPU Partial FC. The full
 matrices live in buffers `weight` (N, d) and `state_<name>` (N, d), so a checkpoint holds them.
 
@@ -22,16 +23,14 @@ size, and so is the loss.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from dcq.heads.base import Head, check_labels
 from dcq.heads.full_fc import gather_batch, margin_softmax
 from dcq.heads.sharding import ClassShard, add_state_dict_sharding, init_centres
-from dcq.margins import make_margin
+from dcq.heads.margins import make_margin
 
 
 class PartialFC(Head):
@@ -58,10 +57,10 @@ class PartialFC(Head):
         self.register_buffer("weight", init_centres(self.num_classes, self.embedding_size, self.shard.start,
                                                     self.shard.stop, seed))
         self.sub_weight = nn.Parameter(self.weight[: min(self.num_sample, self.shard.rows)].clone())
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.sampling_rng = torch.Generator().manual_seed(int(seed))
         self._pending: torch.Tensor | None = None  # index whose sub_weight awaits an optimiser step
+        self._hooks: list = []  # step hooks of the bound optimiser
         self._set_slot(self.sub_weight)
-        _LIVE_HEADS.add(self)
         self._register_state_dict_hook(_drop_sub_weight)
         self.register_load_state_dict_post_hook(_ignore_missing_sub_weight)
         add_state_dict_sharding(self, lambda name: name == "weight" or name.startswith("state_"))
@@ -79,7 +78,7 @@ class PartialFC(Head):
         elif positives.numel() >= self.num_sample:
             index = positives
         else:
-            score = torch.rand(self.num_classes, generator=self.generator)
+            score = torch.rand(self.num_classes, generator=self.sampling_rng)
             score[positives] = 2.0  # positives always win
             index = torch.topk(score, self.num_sample).indices.sort().values
         if self.shard.sharded:
@@ -94,6 +93,7 @@ class PartialFC(Head):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, key: torch.Tensor | None = None):
         labels = check_labels(labels, embeddings.shape[0], self.num_classes).to(embeddings.device)
+        self._check_written_back()
         if self.shard.sharded:
             embeddings, labels = gather_batch(embeddings, labels)
         index, targets = self.sample(labels)
@@ -108,10 +108,23 @@ class PartialFC(Head):
 
     # -- optimiser plumbing ---------------------------------------------------------------------
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Optional check that `optimizer` holds this head's `sub_weight` (nothing needs binding:
-        the head recognises the optimiser that holds it whenever that optimiser steps)."""
+        """Hook the gather/scatter of the sampled rows into `optimizer`'s steps (it must hold this
+        head's `sub_weight`); binding another optimiser later replaces the earlier binding."""
         if not self._holds(optimizer):
             raise ValueError("PartialFC.bind_optimizer: the optimizer does not hold this head's sub_weight")
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt)),
+                       optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))]
+
+    @torch.no_grad()
+    def _check_written_back(self) -> None:
+        """An optimiser that was never bound stepped `sub_weight`: its update would be lost."""
+        if self._pending is None or self._hooks or self.sub_weight.shape[0] != self._pending.numel():
+            return
+        if not torch.equal(self.sub_weight, self.weight[self._pending]):
+            raise ValueError("PartialFC: an optimiser stepped the sampled class centres without writing them back; "
+                             "call head.bind_optimizer(optimizer) once after building the optimiser")
 
     def _holds(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether `optimizer` steps this head's sampled rows (the tensor it holds is `_slot`)."""
@@ -172,10 +185,10 @@ class PartialFC(Head):
 
     # -- checkpoint state -------------------------------------------------------------------------
     def get_extra_state(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.sampling_rng.get_state()}  # the key checkpoints have always used
 
     def set_extra_state(self, state) -> None:
-        self.generator.set_state(state["generator"])
+        self.sampling_rng.set_state(state["generator"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in list(state_dict):  # create the per-row optimiser-state buffers before loading
@@ -188,23 +201,6 @@ class PartialFC(Head):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"sample_rate={self.sample_rate}, num_sample={self.num_sample}, margin={self.margin}"
         )
-
-
-_LIVE_HEADS: weakref.WeakSet[PartialFC] = weakref.WeakSet()
-
-
-def _before_any_step(optimizer, args, kwargs) -> None:
-    for head in list(_LIVE_HEADS):
-        head._before_step(optimizer)
-
-
-def _after_any_step(optimizer, args, kwargs) -> None:
-    for head in list(_LIVE_HEADS):
-        head._after_step(optimizer)
-
-
-register_optimizer_step_pre_hook(_before_any_step)
-register_optimizer_step_post_hook(_after_any_step)
 
 
 def _drop_sub_weight(module, state_dict, prefix, local_metadata):

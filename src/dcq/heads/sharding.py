@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dcq import distributed
+from dcq.seeds import stream_seed
 
 INIT_BLOCK = 65536  # rows per independently seeded block of the initial class centres
 INIT_STD = 0.01
@@ -76,9 +77,6 @@ class ClassShard:
             return full[self.start : self.stop]
         return full
 
-    def is_local(self, tensor: torch.Tensor) -> bool:
-        return torch.is_tensor(tensor) and tensor.ndim >= 1 and tensor.shape[0] == self.rows
-
     def local_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Column of each label among this rank's rows, -1 where the class lives on another rank."""
         inside = (labels >= self.start) & (labels < self.stop)
@@ -95,7 +93,7 @@ def init_centres(num_classes: int, dim: int, start: int, stop: int, seed: int) -
     first, last = start // INIT_BLOCK, (max(stop, start + 1) - 1) // INIT_BLOCK
     for block in range(first, last + 1):
         lo, hi = block * INIT_BLOCK, min(num_classes, (block + 1) * INIT_BLOCK)
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + block)
+        gen = torch.Generator().manual_seed(stream_seed(seed, block))
         rows = torch.normal(0.0, INIT_STD, (hi - lo, dim), generator=gen)
         a, b = max(lo, start), min(hi, stop)
         if a < b:

@@ -47,7 +47,9 @@ class TrainConfig:
     # negatives; configs/paper_ms1mv2.yaml keeps the paper's form (k=1, 0.999, queue only)
     num_references: int = 2  # DCQ: k reference images averaged into one class weight (FC/PFC read 1)
     generator_momentum: float = 0.9  # weight generator EMA
-    in_batch_negatives: bool = True  # DCQ: the other items' class weights of this batch are negatives too
+    # DCQ: the other items' class weights of this batch are negatives too; "auto": when the queue holds
+    # at least IN_BATCH_MIN_BATCHES global batches (dcq.train.build.uses_in_batch_negatives)
+    in_batch_negatives: bool | str = "auto"
     bn_splits: int = 1  # single-process shuffle-BN groups for the weight generator
     shuffle_bn: bool = True  # under torchrun: shuffle the reference batch across ranks before BatchNorm
     # optimisation
@@ -169,8 +171,18 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+AUTO_SWITCHES = ("in_batch_negatives",)  # true, false or "auto" (decided when the run is built)
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Convert a YAML/--set value to the field's type, or fail with one clear line."""
+    if key in AUTO_SWITCHES:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _scalar(bool, value)
+        except ValueError:
+            raise DcqError(f"config ({source}): {key}={value!r} is not true, false or auto") from None
     hint = _HINTS[key]
     origin = typing.get_origin(hint)
     try:

@@ -1,5 +1,8 @@
-"""The output folder of one training run: a lock, a refusal to mix runs, and its checkpoints.
+"""The output folder of one training run: every file name in it, a lock, a refusal to mix runs,
+and its checkpoints.
 
+- what a run folder holds is named here and nowhere else (`RunFiles`), so ``--overwrite`` removes
+  exactly what a run writes;
 - one ``dcq train`` per folder at a time: an advisory lock on ``.dcq.lock``, released by the kernel
   when the process dies, so a ``kill -9`` never leaves the folder locked;
 - a folder that already holds a run (checkpoints, ``final.pt`` or ``steps.jsonl``) is refused unless
@@ -16,15 +19,88 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from dcq.checkpoint import checkpoint_files, checkpoint_step
 from dcq.errors import DcqError
 
 LOCK_NAME = ".dcq.lock"
-RUN_FILES = ("final.pt", "best.pt", "steps.jsonl", "train.log", "config.yaml")
-RUN_DIRS = ("tb",)
 TMP_PATTERN = re.compile(r"\..+\.tmp")
+STEP_PATTERN = re.compile(r"step_(\d+)\.pt")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The paths of everything a run writes into its output folder."""
+
+    root: Path
+
+    FINAL = "final.pt"  # export: encoders, threshold, config (what eval/embed/export read)
+    BEST = "best.pt"  # export at the best verification accuracy so far
+    STEPS = "steps.jsonl"  # one JSON record per step (loss, accuracy, lr)
+    LOG = "train.log"  # the run's log lines
+    CONFIG = "config.yaml"  # the resolved config
+    TENSORBOARD = "tb"  # TensorBoard event folder
+    FILES = (FINAL, BEST, STEPS, LOG, CONFIG)
+    FOLDERS = (TENSORBOARD,)
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.FINAL
+
+    @property
+    def best(self) -> Path:
+        return self.root / self.BEST
+
+    @property
+    def steps(self) -> Path:
+        return self.root / self.STEPS
+
+    @property
+    def log(self) -> Path:
+        return self.root / self.LOG
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / self.TENSORBOARD
+
+    def checkpoint(self, step: int) -> Path:
+        """The training checkpoint of `step`."""
+        return self.root / f"step_{int(step):08d}.pt"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a training checkpoint's file name (exactly ``step_<digits>.pt``), else None: stray
+    names such as ``step_backup.pt`` or ``step_00000010 (copy).pt`` are not checkpoints."""
+    match = STEP_PATTERN.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The training checkpoints in `directory`, oldest first: by modification time, then step, so
+    that after a rollback the checkpoints written last count as the newest, whatever their step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        step = checkpoint_step(path)
+        if step is not None and path.is_file():
+            found.append((path.stat().st_mtime_ns, step, path))
+    return [path for _, _, path in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest training checkpoint in `directory`, or None."""
+    found = checkpoint_files(directory)
+    return found[-1] if found else None
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -48,8 +124,8 @@ def set_aside_later_checkpoints(directory: str | os.PathLike, step: int) -> list
 
 
 def holds_run(directory: str | os.PathLike) -> bool:
-    directory = Path(directory)
-    return bool(checkpoint_files(directory)) or any((directory / n).exists() for n in ("final.pt", "steps.jsonl"))
+    files = RunFiles(directory)
+    return bool(checkpoint_files(directory)) or files.final.exists() or files.steps.exists()
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
@@ -172,11 +248,11 @@ class RunFolder:
 
     def _remove_run_files(self) -> int:
         count = 0
-        for path in checkpoint_files(self.path) + [self.path / n for n in RUN_FILES]:
+        for path in checkpoint_files(self.path) + [self.path / n for n in RunFiles.FILES]:
             if path.is_file():
                 path.unlink()
                 count += 1
-        for name in RUN_DIRS:
+        for name in RunFiles.FOLDERS:
             if (self.path / name).is_dir():
                 shutil.rmtree(self.path / name)
                 count += 1

@@ -14,7 +14,8 @@ plus the optimiser, the GradScaler, gradient clipping and (optionally) the LR sc
 3. keys: the weight generator's embeddings of the references (B, k, ...) -> (B, d), or (B, k, d)
    when k > 1 (no gradient);
 4. embeddings of the samples (the feature extractor, through its DDP wrapper when distributed);
-5. head loss; `loss_check(loss)` may replace or reject it (the trainer's NaN guard);
+5. head loss; `loss_check(loss)` rejects a non-finite loss by raising (the trainer's NaN guard)
+   before anything is updated, and returns the value to log (the trainer's: the global batch's);
 6. backward through the GradScaler, gradient clipping of the feature extractor, optimiser step,
    scaler update, schedule step.
 """
@@ -39,6 +40,7 @@ class StepOutput:
     head: HeadOutput  # the head's output of this step
     loss: torch.Tensor  # the loss that was back-propagated
     lr: float  # learning rate of the optimiser step (first param group)
+    checked_loss: float | None = None  # what `loss_check` returned (None without one)
 
 
 class TrainStep:
@@ -91,7 +93,7 @@ class TrainStep:
         return keys.view(b, k, -1) if k > 1 else keys.view(b, -1)
 
     def __call__(self, samples: torch.Tensor, references: torch.Tensor | None, labels: torch.Tensor,
-                 loss_check: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 loss_check: Callable[[torch.Tensor], float] | None = None,
                  device: torch.device | None = None, key_seed: int | None = None) -> StepOutput:
         if device is not None:
             samples = samples.to(device, non_blocking=True)
@@ -107,7 +109,8 @@ class TrainStep:
         with self._autocast(samples.device):
             embeddings = self.forward_model(samples)
         out = self.head(embeddings, labels, key=keys)
-        loss = out.loss if loss_check is None else loss_check(out.loss)
+        loss = out.loss
+        checked = None if loss_check is None else loss_check(loss)
         self.scaler.scale(loss).backward()
         lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
         if self.optimizer is not None:
@@ -118,4 +121,4 @@ class TrainStep:
             self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
-        return StepOutput(head=out, loss=loss, lr=lr)
+        return StepOutput(head=out, loss=loss, lr=lr, checked_loss=checked)
