@@ -2,7 +2,8 @@
 
 All three use the checkpoint's *evaluation encoder*: the weight generator (the EMA copy) when
 the checkpoint has one, as the DCQ paper evaluates, else the feature extractor; embeddings are
-flip-test, L2-normalised (``--no-flip`` turns the flip off).
+flip-test, L2-normalised (``--no-flip`` turns the flip off). `dcq eval` also takes an ``.onnx``
+model (run by onnxruntime, `dcq.eval.embedder`) for ``--bin``, ``--ijb`` and ``--megaface``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ TABLE_FARS = ("1e-4", "1e-3", "1e-2", "1e-1")
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint .pt written by `dcq train`")
+def _add_common(parser: argparse.ArgumentParser, model_help: str = "checkpoint .pt written by `dcq train`") -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help=model_help)
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     parser.add_argument("--no-flip", action="store_true", help="no flip test (embed only the image itself)")
@@ -78,7 +79,8 @@ def verification_table(results: dict) -> str:
 
 # --------------------------------------------------------------------------- dcq eval
 def configure_eval(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
+    _add_common(parser, "checkpoint .pt written by `dcq train`, or an .onnx model (dcq's export or insightface's; "
+                "--bin, --ijb and --megaface)")
     parser.add_argument("--bin", nargs="+", action="extend", default=[], metavar="FILE",
                         help="verification .bin files (lfw.bin, cfp_fp.bin, ...); set name = file stem")
     parser.add_argument("--json", metavar="OUT", help="write {set: {accuracy, accuracy_std, threshold, pairs, "
