@@ -119,7 +119,6 @@ def test_meta_files_parse_and_match_the_stats(ijb_set):
     assert meta.landmarks.shape == (stats["images"], 5, 2)
     assert ((meta.faceness >= 0.5) & (meta.faceness <= 1)).all()
     table = np.loadtxt(ijb_set / "meta" / "ijbc_template_pair_label.txt", dtype=np.int64)
-    np.testing.assert_array_equal(meta.pair_templates, table[:, :2])
     np.testing.assert_array_equal(meta.templates[meta.pair_index], table[:, :2])
 
 

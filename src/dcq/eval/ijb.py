@@ -30,7 +30,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,23 +74,23 @@ class IJBMeta:
     media_ids: np.ndarray  # (N,) int64
     landmarks: np.ndarray  # (N, 5, 2) float64, pixels of the crop
     faceness: np.ndarray  # (N,) float64
-    pair_templates: np.ndarray  # (P, 2) int64 template ids
+    pair_templates: InitVar[np.ndarray]  # (P, 2) template ids; kept as `pair_index` only
     pair_labels: np.ndarray  # (P,) bool
     templates: np.ndarray = field(init=False)  # sorted distinct template ids
     template_index: np.ndarray = field(init=False)  # (N,) row of each crop's template in `templates`
-    pair_index: np.ndarray = field(init=False)  # (P, 2) rows in `templates`
+    pair_index: np.ndarray = field(init=False)  # (P, 2) int32 rows in `templates` (IJB-C: 15.7M pairs)
 
-    def __post_init__(self):
+    def __post_init__(self, pair_templates):
         self.templates, inv = np.unique(self.template_ids, return_inverse=True)
         self.template_index = inv.reshape(-1)
-        flat = self.pair_templates.reshape(-1)
+        flat = np.asarray(pair_templates).reshape(-1)
         pos = np.searchsorted(self.templates, flat).clip(0, max(0, len(self.templates) - 1))
         known = (len(self.templates) > 0) & (self.templates[pos] == flat) if len(flat) else np.ones(0, bool)
         if not np.all(known):
             bad = int(flat[np.flatnonzero(~known)[0]])
             raise DcqError(f"{self.pair_file}: template {bad} is in a pair but has no crop in {self.tid_file}; "
                            "the meta files are from different sets")
-        self.pair_index = pos.reshape(-1, 2)
+        self.pair_index = pos.reshape(-1, 2).astype(np.int32 if len(self.templates) < 2**31 else np.int64)
 
     @property
     def tid_file(self) -> Path:
@@ -173,11 +173,20 @@ def _read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
             if whole:
                 parts.append(_parse_int_lines(path, whole, line, 3))
                 line += whole.count(b"\n")
-    table = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-    bad = ~np.isin(table[:, 2], (0, 1))
-    if bad.any():
-        raise DcqError(f"{path}: pair labels must be 0 or 1, found {int(table[np.flatnonzero(bad)[0], 2])}")
-    return table[:, :2].copy(), table[:, 2].astype(bool)
+    if not parts:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=bool)
+    for block in parts:
+        bad = (block[:, 2] != 0) & (block[:, 2] != 1)
+        if bad.any():
+            raise DcqError(f"{path}: pair labels must be 0 or 1, found {int(block[np.flatnonzero(bad)[0], 2])}")
+    labels = np.concatenate([b[:, 2] == 1 for b in parts])
+    pairs = np.empty((len(labels), 2), dtype=np.int64)
+    row = 0
+    while parts:  # move the blocks into one array, freeing each as it is copied
+        block = parts.pop(0)
+        pairs[row:row + len(block)] = block[:, :2]
+        row += len(block)
+    return pairs, labels
 
 
 def read_ijb_meta(root, name: str = "ijbc") -> IJBMeta:
@@ -367,10 +376,11 @@ def evaluate_ijb(model, root, name: str = "ijbc", batch_size: int = 256, progres
     t1 = time.perf_counter()
     scores = pair_scores(feats, meta.pair_index[:, 0], meta.pair_index[:, 1])
     labels = meta.pair_labels
+    counts = {"images": len(meta.images), "templates": len(meta.templates)}
+    del meta, feats  # the pair table is not needed by the ROC's sort, the largest step
     fpr, tpr = roc_points(scores, labels)
     metrics = {
-        "images": len(meta.images),
-        "templates": len(meta.templates),
+        **counts,
         "pairs": int(len(labels)),
         "genuine_pairs": int(labels.sum()),
         "impostor_pairs": int((~labels).sum()),
