@@ -291,10 +291,10 @@ def synthesize_ijb(out_dir, identities: int = 200, image_size: int = 112, seed: 
         with open(tmp / "meta" / f"{name}_template_pair_label.txt", "w") as f:
             np.savetxt(f, pairs, fmt="%d")
     except BaseException:
-        pool.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pool.close()
+    finally:
+        pool.close()
     stats = {
         "generator": "dcq.data.synth_protocols",
         "profile": "ijb",
@@ -358,12 +358,11 @@ def synthesize_megaface(out_dir, identities: int = 80, images_per_identity: int 
                 row += 1
             bar.update(len(chunk))
     except BaseException:
-        pool.close()
-        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pool.close()
-    bar.close()
+    finally:
+        pool.close()
+        bar.close()
     stats = {
         "generator": "dcq.data.synth_protocols",
         "profile": "megaface",
