@@ -355,10 +355,13 @@ def _non_finite_rows(array, chunk: int = 65536) -> int:
 
 # --------------------------------------------------------------------------- dcq embed
 def configure_embed(parser: argparse.ArgumentParser) -> None:
+    from dcq.deploy.embed_cli import add_onnx_options
+
     _add_common(parser)
-    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files or folders (searched recursively)")
+    parser.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.npy",
                         help="(N, d) float32 embeddings; image paths go to FILE.txt beside it, one per line")
+    add_onnx_options(parser)
 
 
 def collect_images(paths: list[str]) -> list[Path]:
@@ -380,6 +383,12 @@ def collect_images(paths: list[str]) -> list[Path]:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    if args.onnx:  # before anything imports torch
+        from dcq.deploy.embed_cli import run_onnx_embed
+
+        return run_onnx_embed(args)
+    if not args.images:
+        raise DcqError("no images: dcq embed CKPT IMAGES... --out FILE.npy")
     import numpy as np
     from tqdm import tqdm
 

@@ -1,0 +1,78 @@
+"""`dcq align IMAGES... --landmarks FILE --out DIR`: aligned face crops from photos.
+
+Each photo with a line in the landmark file is warped by `dcq.align.align_face` to the ArcFace
+template and written as a lossless PNG under DIR (the path inside its input folder, or the file
+name for a file given directly, with ``.png``), so the crops embed exactly as the on-the-fly
+alignment of ``dcq embed --onnx --landmarks``. Files without landmarks or that cannot be decoded
+are listed (and in DIR/failed.txt), not fatal. No torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+from dcq.atomic import atomic_write
+from dcq.errors import DcqError
+
+
+def configure_align(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGES", help="photo files or folders (searched recursively)")
+    parser.add_argument("--landmarks", required=True, metavar="FILE",
+                        help="'name x1 y1 ... x5 y5 [score]' lines (insightface's layout): left eye, right eye, "
+                             "nose, left and right mouth corners; name = the path as given, inside its folder, "
+                             "or the file name")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the aligned PNG crops")
+    parser.add_argument("--size", type=int, default=112, help="crop size in pixels (default 112)")
+
+
+def output_name(path: Path, roots: list[Path]) -> Path:
+    """Where the crop of ``path`` goes inside the output folder."""
+    for root in roots:
+        if root.is_dir():
+            try:
+                return path.relative_to(root).with_suffix(".png")
+            except ValueError:
+                pass
+    return Path(path.name).with_suffix(".png")
+
+
+def run_align(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dcq.align import reference_points
+    from dcq.deploy.embed_cli import landmark_lookup
+    from dcq.deploy.photos import BadImage, load_crop
+    from dcq.eval.cli import collect_images
+
+    reference_points(args.size)  # checks the size
+    roots = [Path(p) for p in args.images]
+    lookup = landmark_lookup(args.landmarks, args.images)
+    files = collect_images(args.images)
+    out = Path(args.out)
+    if out.is_file():
+        raise DcqError(f"--out {out} is a file; give a folder")
+    targets: dict[Path, Path] = {}
+    for f in files:
+        name = output_name(f, roots)
+        if name in targets:
+            raise DcqError(f"{f} and {targets[name]} would both be written to {out / name}; rename one of them")
+        targets[name] = f
+    failed = []
+    for name, f in targets.items():
+        try:
+            crop = load_crop(f, args.size, lookup(f))
+        except BadImage as exc:
+            failed.append(f"{f}\t{exc}")
+            continue
+        buffer = io.BytesIO()
+        Image.fromarray(crop).save(buffer, format="PNG")
+        atomic_write(out / name, lambda fh: fh.write(buffer.getvalue()))
+    if failed:
+        atomic_write(out / "failed.txt", lambda fh: fh.write("".join(line + "\n" for line in failed).encode()))
+    print(f"wrote {len(targets) - len(failed)} aligned {args.size}x{args.size} crops to {out}"
+          + (f"; {len(failed)} files skipped (listed in {out / 'failed.txt'}):" if failed else ""))
+    for line in failed[:10]:
+        print("  " + line.replace("\t", ": "))
+    return 0

@@ -1,0 +1,186 @@
+"""`dcq gallery build | add | search`: enrol embeddings in a gallery file and search it.
+
+Embeddings come from `dcq embed`: a folder written by ``dcq embed --onnx`` (its manifest gives the
+model fingerprint, and the image paths become the labels) or an ``.npy`` (rows; ``--model`` names
+the ``.onnx`` they came from, ``--labels`` a text file with one label per row). `search` also takes
+images directly with ``--onnx MODEL`` (aligned crops, or photos with ``--landmarks``). No torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dcq.atomic import atomic_write, ensure_writable
+from dcq.errors import DcqError
+
+
+def configure_gallery(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="gallery_command", metavar="ACTION", required=True)
+    build = sub.add_parser("build", help="enrol embeddings in a new gallery file",
+                           description="enrol embeddings in a new gallery file")
+    build.add_argument("embeddings", metavar="EMB", help="a `dcq embed --onnx` folder or an (N, d) .npy")
+    build.add_argument("--out", required=True, metavar="G", help="gallery file to write")
+    build.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat",
+                       help="flat: exact (default); ivf / hnsw: approximate faiss indexes for large galleries")
+    build.add_argument("--nlist", type=int, default=None, help="ivf cells (default about 4 sqrt(N))")
+    build.add_argument("--nprobe", type=int, default=32, help="ivf cells scanned per query (default 32)")
+    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw links per node (default 32)")
+    build.add_argument("--ef-construction", type=int, default=80, help="hnsw build breadth (default 80)")
+    build.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth (default 128)")
+    build.add_argument("--overwrite", action="store_true", help="replace G if it exists")
+    add = sub.add_parser("add", help="enrol more embeddings in an existing gallery",
+                         description="enrol more embeddings in an existing gallery (ids continue)")
+    add.add_argument("gallery", metavar="G")
+    add.add_argument("embeddings", metavar="EMB", help="a `dcq embed --onnx` folder or an (N, d) .npy")
+    search = sub.add_parser("search", help="the k most similar enrolled faces of each query",
+                            description="the k most similar enrolled faces of each query")
+    search.add_argument("gallery", metavar="G")
+    search.add_argument("queries", nargs="+", metavar="QUERIES", help="a `dcq embed --onnx` folder or an .npy "
+                        "of query embeddings; with --onnx, image files or folders")
+    search.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    search.add_argument("--json", metavar="OUT", help='write {"ids": [[row, ...k] per query], "scores": [[...]], '
+                        '"labels": [[...]] (when the gallery has labels), "queries": [...] (when known)}')
+    search.add_argument("--nprobe", type=int, default=None, help="ivf: cells scanned (default: the gallery's)")
+    search.add_argument("--ef-search", type=int, default=None, help="hnsw: search breadth (default: the gallery's)")
+    search.add_argument("--onnx", metavar="MODEL", help="QUERIES are images: embed them with this model first")
+    search.add_argument("--landmarks", metavar="FILE", help="with --onnx: align the query photos by these landmarks")
+    search.add_argument("--no-flip", action="store_true", help="with --onnx: no flip test")
+    search.add_argument("--batch-size", type=int, default=64, help="with --onnx: images per batch (default 64)")
+    for p in (build, add, search):
+        p.add_argument("--model", metavar="MODEL.onnx", help="for an .npy: the model it was embedded with "
+                       "(its fingerprint is checked against the gallery's)")
+    for p in (build, add):
+        p.add_argument("--labels", metavar="FILE", help="one label per embedding row, one per line (default: the "
+                       "image paths of a `dcq embed --onnx` folder; none for an .npy)")
+
+
+def read_labels(path, rows: int) -> list[str]:
+    """One label per line of ``path``; exactly ``rows`` of them."""
+    try:
+        labels = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DcqError(f"--labels {path}: cannot read it ({exc})") from None
+    if len(labels) != rows:
+        raise DcqError(f"--labels {path}: {len(labels)} lines for {rows} embeddings; give one label per row")
+    return labels
+
+
+def read_embedding_input(path, model=None) -> tuple[np.ndarray, list[str] | None, str | None]:
+    """(embeddings, image paths or None, model fingerprint or None) of a `dcq embed` output."""
+    from dcq.deploy.metadata import fingerprint_of
+
+    path = Path(path)
+    if path.is_dir():
+        from dcq.deploy.embed_job import read_embeddings
+
+        emb, paths, manifest = read_embeddings(path)
+        fingerprint = manifest["fingerprint"]
+        if model is not None and fingerprint_of(model) != fingerprint:
+            raise DcqError(f"--model {model} is not the model {path} was embedded with ({manifest['model']})")
+        return emb, paths, fingerprint
+    if not path.is_file():
+        raise DcqError(f"{path}: no such embedding file or folder (make one with `dcq embed`)")
+    try:
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DcqError(f"{path}: not an .npy embedding array ({str(exc)[:120]})") from None
+    return emb, None, fingerprint_of(model) if model is not None else None
+
+
+def _build(args) -> int:
+    from dcq.deploy.gallery import Gallery
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DcqError(f"--out {out} exists; `dcq gallery add {out} EMB` adds to it, --overwrite replaces it")
+    ensure_writable(out)
+    emb, paths, fingerprint = read_embedding_input(args.embeddings, args.model)
+    labels = read_labels(args.labels, len(emb)) if args.labels else paths
+    g = Gallery.build(emb, labels=labels, fingerprint=fingerprint, kind=args.index, nlist=args.nlist,
+                      nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                      ef_search=args.ef_search)
+    g.save(out)
+    params = "".join(f" {k}={v}" for k, v in g.params.items())
+    print(f"wrote {out}: {g.count} embeddings ({g.embedding_size}-d), {g.kind} index{params}, "
+          f"model {fingerprint or 'unknown (no --model: queries cannot be checked against it)'}"
+          f"{', labelled' if labels is not None else ''}")
+    return 0
+
+
+def _add(args) -> int:
+    from dcq.deploy.gallery import Gallery
+
+    g = Gallery.load(args.gallery)
+    emb, paths, fingerprint = read_embedding_input(args.embeddings, args.model)
+    labels = read_labels(args.labels, len(emb)) if args.labels else (paths if g.labels is not None else None)
+    before = g.count
+    g.add(emb, labels, fingerprint)
+    g.save(args.gallery)
+    print(f"added rows {before}..{g.count - 1} to {args.gallery} ({g.count} embeddings)")
+    return 0
+
+
+def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, str | None]:
+    if args.onnx is None:
+        if len(args.queries) != 1:
+            raise DcqError("give one query embedding file or folder, or image files with --onnx MODEL")
+        return read_embedding_input(args.queries[0], args.model)
+    from dcq.deploy.embed_cli import landmark_lookup, open_embedder
+    from dcq.deploy.photos import BadImage, load_crop
+    from dcq.eval.cli import collect_images
+
+    lookup = landmark_lookup(args.landmarks, args.queries)
+    files = collect_images(args.queries)
+    embedder = open_embedder(args.onnx)
+    gallery.check_model(embedder.embedding_size, embedder.fingerprint, f"embeddings of {args.onnx}")
+    crops, names = [], []
+    for f in files:
+        try:
+            crops.append(load_crop(f, embedder.image_size, lookup(f) if lookup else None))
+            names.append(str(f))
+        except BadImage as exc:
+            print(f"skipped {f}: {exc}", file=sys.stderr)
+    if not crops:
+        raise DcqError("none of the query images could be embedded (see the lines above)")
+    if args.batch_size < 1:
+        raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")
+    emb = np.concatenate([embedder.embed(np.stack(crops[i:i + args.batch_size]), flip=not args.no_flip)
+                          for i in range(0, len(crops), args.batch_size)])
+    return emb, names, embedder.fingerprint
+
+
+def _search(args) -> int:
+    from dcq.deploy.gallery import Gallery
+
+    if args.json:
+        ensure_writable(args.json)
+    g = Gallery.load(args.gallery)
+    queries, names, fingerprint = _queries(args, g)
+    ids, scores = g.search(queries, args.k, fingerprint=fingerprint, nprobe=args.nprobe, ef_search=args.ef_search)
+    result = {"ids": ids.tolist(), "scores": [[round(float(s), 6) for s in row] for row in scores]}
+    if g.labels is not None:
+        result["labels"] = [[g.labels[i] if i >= 0 else None for i in row] for row in ids.tolist()]
+    if names is not None:
+        result["queries"] = names
+    if args.k > g.count:
+        print(f"note: the gallery holds {g.count} embeddings; -k {args.k} gives {g.count} each", file=sys.stderr)
+    for q in range(min(len(ids), 10)):
+        who = names[q] if names is not None else f"query {q}"
+        hits = ", ".join(f"{result['labels'][q][j] if 'labels' in result else ids[q, j]} ({scores[q, j]:.3f})"
+                         for j in range(min(3, ids.shape[1])))
+        print(f"{who}: {hits}")
+    if len(ids) > 10:
+        print(f"... {len(ids) - 10} more queries")
+    if args.json:
+        atomic_write(args.json, lambda f: f.write((json.dumps(result) + "\n").encode()))
+        print(f"wrote {args.json} ({len(ids)} queries x {ids.shape[1]} neighbours)")
+    return 0
+
+
+def run_gallery(args: argparse.Namespace) -> int:
+    return {"build": _build, "add": _add, "search": _search}[args.gallery_command](args)
