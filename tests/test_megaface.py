@@ -137,3 +137,23 @@ def test_megaface_option_errors(files, capsys):
     rc = main(["eval", str(d / "m.pt"), "--megaface", str(d / "mf"), "--megaface-distractors", str(d / "wrong.npy")])
     err = capsys.readouterr().err
     assert rc == 2 and "same model" in err and "Traceback" not in err
+
+
+def test_onnx_model_and_shard_folder_give_the_same_result(files, capsys):
+    pytest.importorskip("dcq.deploy.embed_job")
+    d = files
+    onnx_path = d / "m.onnx"
+    assert main(["export", str(d / "m.pt"), "--onnx", str(onnx_path), "--encoder", "feature_extractor"]) == 0
+    if not (d / "dist.npy").is_file():
+        assert main(["embed", str(d / "m.pt"), str(d / "mf" / "distractors"), "--out", str(d / "dist.npy")]) == 0
+    assert main(["embed", "--onnx", str(onnx_path), str(d / "mf" / "distractors"), "--out", str(d / "shards"),
+                 "--shard-size", "50"]) == 0  # 3 shards
+    runs = {"pt": (d / "m.pt", d / "dist.npy"), "onnx": (onnx_path, d / "shards")}
+    for name, (model, dist) in runs.items():
+        assert main(["eval", str(model), "--megaface", str(d / "mf"), "--megaface-distractors", str(dist),
+                     "--json", str(d / f"{name}.json")]) == 0
+    capsys.readouterr()
+    a = json.loads((d / "pt.json").read_text())["megaface"]
+    b = json.loads((d / "onnx.json").read_text())["megaface"]
+    assert a["distractors"] == b["distractors"] == [10, 100, 120]
+    np.testing.assert_allclose(a["rank1"], b["rank1"], atol=1.0 / a["pairs"] + 1e-12)

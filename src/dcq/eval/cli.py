@@ -99,9 +99,9 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
                        help="which IJB set's meta files (default ijbc)")
     bench.add_argument("--megaface", metavar="DIR", help="MegaFace challenge-1 identification of the aligned "
                        "probe set DIR/<identity>/<image> (or DIR/probes/...); JSON key \"megaface\"")
-    bench.add_argument("--megaface-distractors", nargs="+", metavar="FILE.npy",
-                       help="distractor embeddings from `dcq embed` with the same model (several files are "
-                       "read as one, in order; memory-mapped)")
+    bench.add_argument("--megaface-distractors", nargs="+", metavar="FILE.npy|DIR",
+                       help="distractor embeddings with the same model: .npy files from `dcq embed CKPT` or the "
+                       "shard folder of `dcq embed --onnx` (all read as one, in order; memory-mapped)")
     bench.add_argument("--megaface-sizes", metavar="N,N,...",
                        help="distractor-set sizes (default 10,100,... up to all of them)")
 
@@ -208,7 +208,24 @@ def _check_protocol_args(args) -> None:
         raise DcqError(f"--bin {sorted(clash)[0]}.bin would share the JSON key of the {sorted(clash)[0]} results; "
                        "rename the .bin file")
     if args.megaface_distractors:
-        args.megaface_arrays = [_load_distractors(p, "--megaface-distractors") for p in args.megaface_distractors]
+        args.megaface_arrays = [a for p in args.megaface_distractors for a in _distractor_arrays(p)]
+
+
+def _distractor_arrays(path) -> list:
+    """Memory-mapped distractor embeddings: one .npy, or every shard of a `dcq embed --onnx` folder in order."""
+    path = Path(path)
+    if not path.is_dir():
+        return [_load_distractors(path, "--megaface-distractors")]
+    from dcq.deploy.embed_job import read_manifest
+
+    arrays = []
+    for shard in read_manifest(path)["shards"]:
+        arr = _load_distractors(path / shard["file"], "--megaface-distractors")
+        if len(arr) != shard["rows"]:
+            raise DcqError(f"--megaface-distractors {path / shard['file']}: {len(arr)} rows, the manifest says "
+                           f"{shard['rows']}; embed the distractors again")
+        arrays.append(arr)
+    return arrays
 
 
 def _protocols(args, model) -> tuple[dict, dict]:
