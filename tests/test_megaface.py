@@ -157,3 +157,23 @@ def test_onnx_model_and_shard_folder_give_the_same_result(files, capsys):
     b = json.loads((d / "onnx.json").read_text())["megaface"]
     assert a["distractors"] == b["distractors"] == [10, 100, 120]
     np.testing.assert_allclose(a["rank1"], b["rank1"], atol=1.0 / a["pairs"] + 1e-12)
+
+
+def test_shards_of_another_onnx_model_are_refused(files, tmp_path, capsys):
+    pytest.importorskip("dcq.deploy.embed_job")
+    d = files
+    torch.manual_seed(5)
+    other = get_backbone("cpunet", embedding_size=DIM, image_size=SIZE)
+    save_checkpoint(tmp_path / "o.pt", {"model": {"backbone": "cpunet", "embedding_size": DIM, "image_size": SIZE},
+                                        "feature_extractor": other.state_dict(), "weight_generator": None})
+    for name in ("o", "m"):
+        src = tmp_path / "o.pt" if name == "o" else d / "m.pt"
+        assert main(["export", str(src), "--onnx", str(tmp_path / f"{name}.onnx"), "--encoder",
+                     "feature_extractor"]) == 0
+    assert main(["embed", "--onnx", str(tmp_path / "o.onnx"), str(d / "mf" / "distractors"), "--out",
+                 str(tmp_path / "shards")]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(tmp_path / "m.onnx"), "--megaface", str(d / "mf"), "--megaface-distractors",
+               str(tmp_path / "shards")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another model" in err and len(err.strip().splitlines()) == 1

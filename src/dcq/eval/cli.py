@@ -208,18 +208,23 @@ def _check_protocol_args(args) -> None:
         raise DcqError(f"--bin {sorted(clash)[0]}.bin would share the JSON key of the {sorted(clash)[0]} results; "
                        "rename the .bin file")
     if args.megaface_distractors:
-        args.megaface_arrays = [a for p in args.megaface_distractors for a in _distractor_arrays(p)]
+        args.megaface_arrays, args.megaface_models = [], {}
+        for p in args.megaface_distractors:
+            args.megaface_arrays += _distractor_arrays(p, args.megaface_models)
 
 
-def _distractor_arrays(path) -> list:
-    """Memory-mapped distractor embeddings: one .npy, or every shard of a `dcq embed --onnx` folder in order."""
+def _distractor_arrays(path, models: dict) -> list:
+    """Memory-mapped distractor embeddings: one .npy, or every shard of a `dcq embed --onnx` folder in order
+    (its model fingerprint goes into ``models[path]``)."""
     path = Path(path)
     if not path.is_dir():
         return [_load_distractors(path, "--megaface-distractors")]
     from dcq.deploy.embed_job import read_manifest
 
     arrays = []
-    for shard in read_manifest(path)["shards"]:
+    manifest = read_manifest(path)
+    models[str(path)] = manifest.get("fingerprint")
+    for shard in manifest["shards"]:
         arr = _load_distractors(path / shard["file"], "--megaface-distractors")
         if len(arr) != shard["rows"]:
             raise DcqError(f"--megaface-distractors {path / shard['file']}: {len(arr)} rows, the manifest says "
@@ -246,6 +251,12 @@ def _protocols(args, model) -> tuple[dict, dict]:
     if args.megaface:
         from dcq.eval.megaface import embed_probe_folder, megaface_identification, megaface_table
 
+        if model.kind == "onnx":
+            for folder, fingerprint in args.megaface_models.items():
+                if fingerprint and fingerprint != model.runner.fingerprint:
+                    raise DcqError(f"--megaface-distractors {folder} was embedded by another model (fingerprint "
+                                   f"{fingerprint}, {args.checkpoint} is {model.runner.fingerprint}); embed the "
+                                   "distractors with the model you evaluate")
         emb, labels = embed_probe_folder(model, args.megaface, args.batch_size, progress)
         result = megaface_identification(emb, labels, args.megaface_arrays, args.megaface_sizes)
         out["megaface"] = result
