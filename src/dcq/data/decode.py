@@ -2,7 +2,7 @@
 
 Decoding is most of what a DataLoader worker does. simplejpeg hands the bytes straight to
 libjpeg-turbo and returns a numpy array, without Pillow's image object, mode conversion and copy:
-about 1.7x faster on 112 px faces (``docs/data.md``, "Feeding a GPU"). Both run libjpeg-turbo with its
+about 2x faster on 112 px faces (``docs/data.md``, "Feeding a GPU"). Both run libjpeg-turbo with its
 defaults (accurate integer IDCT, smooth chroma upsampling) and the same DCT-domain downscaling that
 Pillow's ``draft`` picks, so the pixels are the same (``tests/test_decode.py`` holds them equal).
 Pillow still decodes PNG/BMP, CMYK/YCCK JPEGs and anything simplejpeg refuses, so every image either
@@ -59,7 +59,7 @@ def _log_fallback_once() -> None:
     if not _fallback_logged:
         _fallback_logged = True
         log.warning("simplejpeg is not installed: decoding JPEG with Pillow (pip install 'dcq[fast-jpeg]' "
-                    "for libjpeg-turbo decoding, about 1.7x faster)")
+                    "for libjpeg-turbo decoding, about 2x faster)")
 
 
 def resolve_decoder(decoder: str | None = None) -> str:
