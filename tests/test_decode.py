@@ -13,7 +13,11 @@ from dcq.data.decode import decode_bytes, draft_scale, resolve_decoder
 from dcq.data.transforms import decode_image
 from dcq.errors import DcqError
 
-simplejpeg = pytest.importorskip("simplejpeg", reason="the fast-jpeg extra (simplejpeg) is not installed")
+try:
+    import simplejpeg
+except ImportError:  # the Pillow fallback is still tested below
+    simplejpeg = None
+needs_turbo = pytest.mark.skipif(simplejpeg is None, reason="the fast-jpeg extra (simplejpeg) is not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +70,7 @@ JPEGS = {
 }
 
 
+@needs_turbo
 @pytest.mark.parametrize("name", sorted(JPEGS))
 def test_turbo_pixels_equal_pillow(name, turbo_only):
     data = JPEGS[name]()
@@ -75,6 +80,7 @@ def test_turbo_pixels_equal_pillow(name, turbo_only):
     np.testing.assert_array_equal(got, ref)
 
 
+@needs_turbo
 @pytest.mark.parametrize("stored, size", [((230, 240), 112), ((460, 470), 112), ((900, 1000), 112),
                                           ((300, 200), 112), ((120, 120), 112)])
 def test_turbo_shrinks_in_the_dct_like_pillow_draft(stored, size):
@@ -103,6 +109,7 @@ def test_draft_scale_is_pillows_choice():
     assert draft_scale(5000, 5000, None) == 1
 
 
+@needs_turbo
 def test_synthetic_faces_decode_identically(turbo_only):
     from dcq.data.synthetic import FaceRenderer, identity_params, render_instance
 
@@ -113,13 +120,15 @@ def test_synthetic_faces_decode_identically(turbo_only):
         np.testing.assert_array_equal(decode_bytes(data, 112, decoder="turbo"), _pillow_reference(data, 112))
 
 
+@needs_turbo
 def test_turbo_shrunk_decode_is_simplejpegs(turbo_only):
     data = _jpeg(_photo(460, 470, 12), quality=90)
     got = decode_bytes(data, 112, decoder="turbo")  # Pillow is refused: this is simplejpeg's output
     assert got.shape == (115, 118, 3)  # ceil(460 / 4), ceil(470 / 4)
 
 
-def test_formats_simplejpeg_does_not_take_go_to_pillow():
+@needs_turbo
+def test_png_and_cmyk_jpeg_go_to_pillow():
     img = _photo(20, 24, 8)
     png = io.BytesIO()
     Image.fromarray(img).save(png, format="PNG")
@@ -130,6 +139,7 @@ def test_formats_simplejpeg_does_not_take_go_to_pillow():
     np.testing.assert_array_equal(decode_bytes(cmyk.getvalue(), decoder="turbo"), _pillow_reference(cmyk.getvalue()))
 
 
+@needs_turbo
 def test_corrupt_jpeg_fails_with_the_same_message_for_both_decoders():
     data = _jpeg(_photo(112, 112, 9), quality=90)
     for bad in (data[: len(data) // 3], data[:2] + b"\x00" * 40, b"\xff\xd8\xff" + b"\x13" * 64):
@@ -141,6 +151,7 @@ def test_corrupt_jpeg_fails_with_the_same_message_for_both_decoders():
         assert messages[0] == messages[1]
 
 
+@needs_turbo
 def test_decompression_bomb_guard_holds_for_turbo(monkeypatch):
     data = _jpeg(_photo(64, 64, 10))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2*1000: Pillow refuses
@@ -149,6 +160,7 @@ def test_decompression_bomb_guard_holds_for_turbo(monkeypatch):
             decode_bytes(data, decoder=decoder)
 
 
+@needs_turbo
 def test_choice_of_decoder(monkeypatch):
     assert resolve_decoder() == "turbo"  # auto, simplejpeg installed
     assert resolve_decoder("auto") == "turbo"
