@@ -199,3 +199,16 @@ def test_landmarked_photos_embed_as_their_aligned_crops(exported, tmp_path, rng)
     lm = read_landmarks(tmp_path / "lm.txt")
     crops = np.stack([align_face(Image.open(p), lm[Path(p).name][0], 32) for p in paths])
     np.testing.assert_allclose(got, e.embed(crops), atol=1e-6)
+
+
+def test_readme_enrol_and_search_in_three_commands(exported, crops, tmp_path):
+    model, enrol = str(exported[1]), str(crops)
+    emb, gallery, hits = str(tmp_path / "enrol_emb"), str(tmp_path / "people.gallery"), tmp_path / "hits.json"
+    query = str(crops / "p" / "3.jpg")
+    assert main(["embed", "--onnx", model, enrol, "--out", emb]) == 0
+    assert main(["gallery", "build", emb, "--out", gallery]) == 0
+    assert main(["gallery", "search", gallery, "--onnx", model, query, "-k", "10", "--json", str(hits)]) == 0
+    result = json.loads(hits.read_text())
+    assert set(result) == {"ids", "scores", "labels", "queries"} and len(result["ids"][0]) == 9
+    assert result["labels"][0][0] == query and result["scores"][0][0] == pytest.approx(1, abs=1e-5)
+    assert result["scores"][0] == sorted(result["scores"][0], reverse=True)
