@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("dcq.eval.cli", "embeddings of images with a checkpoint"),
     "verify": ("dcq.eval.cli", "are two face images the same person?"),
     "export": ("dcq.export", "export a checkpoint's encoder to ONNX, checked against onnxruntime"),
+    "convert": ("dcq.convert", "insightface arcface_torch backbone.pth -> dcq checkpoint, and back"),
     "bench": ("dcq.bench.cli", "benchmarks: head step time and memory against the number of identities"),
 }
 

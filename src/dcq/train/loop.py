@@ -242,6 +242,11 @@ class Trainer:
 
         self.backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                                      dropout=cfg.dropout).to(self.device)
+        if cfg.init_from:  # fine-tuning start, before the weight generator copies the backbone
+            from dcq.convert import init_backbone  # --resume PATH/latest: the checkpoint's weights win, unread
+
+            self._notes.append(init_backbone(self.backbone, cfg) if resume in (None, "auto") else
+                               f"init_from={cfg.init_from} not read: a resumed run starts from its checkpoint")
         self.head = build_head(cfg, n_ids, distributed=self.ctx.distributed).to(self.device)
         self.generator = (MomentumEncoder(self.backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits,
                                           shuffle_bn=cfg.shuffle_bn and self.ctx.distributed)
