@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dcq.checkpoint import build_eval_encoder, latest_checkpoint, load_checkpoint
+from dcq.checkpoint import build_eval_encoder, load_checkpoint
+from dcq.train.rundir import latest_checkpoint
 from dcq.cli import main
 from dcq.convert import to_arcface
 from dcq.errors import DcqError
@@ -310,7 +311,8 @@ def tiny(data, out, **over):
     values = {"backbone": "mbf", "embedding_size": 32, "image_size": 32, "batch_size": 32, "train_data": str(data),
               "output": str(out), "lr": 0.1, "max_steps": 16, "workers": 0, "log_every": 1, "progress": False,
               "checkpoint_every": 0, "queue_size": 16, "scale": 30.0, "margin": 0.2, "generator_momentum": 0.5,
-              "threads": 1, "schedule": "cosine", "preload": True}
+              "threads": 1, "schedule": "cosine", "preload": True,
+              "in_batch_negatives": True}  # the first step's queue is empty: its negatives are the batch
     values.update(over)
     return build_config(values, "test")
 
@@ -345,7 +347,7 @@ def test_init_from_sets_both_encoders_and_a_fresh_head(pretrained, tiny_dataset,
     for source in ("backbone.pth", "converted.pt"):
         trainer = Trainer(tiny(tiny_dataset, tmp_path / source, init_from=str(pretrained / source)))
         try:
-            online, generator = trainer.backbone.state_dict(), trainer.generator.encoder.state_dict()
+            online, generator = trainer.model.feature_extractor.state_dict(), trainer.model.weight_generator.encoder.state_dict()
             assert all(torch.equal(v, generator[k]) and torch.equal(v, state[k]) for k, v in online.items())
             assert trainer.head.queue.filled == 0
         finally:
@@ -358,7 +360,7 @@ def test_a_resumed_run_ignores_init_from(pretrained, tiny_dataset, tmp_path):
     missing = tiny(tiny_dataset, tmp_path / "a", max_steps=21, init_from=str(tmp_path / "gone.pth"))
     trainer = Trainer(missing, resume=str(step))  # never read: the checkpoint's weights win
     try:
-        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in trainer.backbone.state_dict().items())
+        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in trainer.model.feature_extractor.state_dict().items())
         assert any("init_from" in note and "not read" in note for note in trainer._notes)
     finally:
         trainer.close()
@@ -367,7 +369,7 @@ def test_a_resumed_run_ignores_init_from(pretrained, tiny_dataset, tmp_path):
     other = tiny(tiny_dataset, tmp_path / "b", max_steps=21, init_from=str(pretrained / "converted.pt"))
     trainer = Trainer(other, resume="auto")  # an elastic restart that finds a checkpoint: it wins too
     try:
-        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in trainer.backbone.state_dict().items())
+        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in trainer.model.feature_extractor.state_dict().items())
         assert not torch.equal(saved["conv_sep.layers.0.weight"],
                                torch.load(pretrained / "backbone.pth")["conv_sep.layers.0.weight"])
     finally:
