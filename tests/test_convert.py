@@ -311,7 +311,7 @@ def tiny(data, out, **over):
     values = {"backbone": "mbf", "embedding_size": 32, "image_size": 32, "batch_size": 32, "train_data": str(data),
               "output": str(out), "lr": 0.1, "max_steps": 16, "workers": 0, "log_every": 1, "progress": False,
               "checkpoint_every": 0, "queue_size": 16, "scale": 30.0, "margin": 0.2, "generator_momentum": 0.5,
-              "threads": 1, "schedule": "cosine", "preload": True,
+              "threads": 1, "schedule": "cosine",
               "in_batch_negatives": True}  # the first step's queue is empty: its negatives are the batch
     values.update(over)
     return build_config(values, "test")
