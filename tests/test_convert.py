@@ -347,7 +347,8 @@ def test_init_from_sets_both_encoders_and_a_fresh_head(pretrained, tiny_dataset,
     for source in ("backbone.pth", "converted.pt"):
         trainer = Trainer(tiny(tiny_dataset, tmp_path / source, init_from=str(pretrained / source)))
         try:
-            online, generator = trainer.model.feature_extractor.state_dict(), trainer.model.weight_generator.encoder.state_dict()
+            online = trainer.model.feature_extractor.state_dict()
+            generator = trainer.model.weight_generator.encoder.state_dict()
             assert all(torch.equal(v, generator[k]) and torch.equal(v, state[k]) for k, v in online.items())
             assert trainer.head.queue.filled == 0
         finally:
@@ -360,7 +361,8 @@ def test_a_resumed_run_ignores_init_from(pretrained, tiny_dataset, tmp_path):
     missing = tiny(tiny_dataset, tmp_path / "a", max_steps=21, init_from=str(tmp_path / "gone.pth"))
     trainer = Trainer(missing, resume=str(step))  # never read: the checkpoint's weights win
     try:
-        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in trainer.model.feature_extractor.state_dict().items())
+        weights = trainer.model.feature_extractor.state_dict()
+        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in weights.items())
         assert any("init_from" in note and "not read" in note for note in trainer._notes)
     finally:
         trainer.close()
@@ -369,7 +371,8 @@ def test_a_resumed_run_ignores_init_from(pretrained, tiny_dataset, tmp_path):
     other = tiny(tiny_dataset, tmp_path / "b", max_steps=21, init_from=str(pretrained / "converted.pt"))
     trainer = Trainer(other, resume="auto")  # an elastic restart that finds a checkpoint: it wins too
     try:
-        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in trainer.model.feature_extractor.state_dict().items())
+        weights = trainer.model.feature_extractor.state_dict()
+        assert trainer.step == 20 and all(torch.equal(v, saved[k]) for k, v in weights.items())
         assert not torch.equal(saved["conv_sep.layers.0.weight"],
                                torch.load(pretrained / "backbone.pth")["conv_sep.layers.0.weight"])
     finally:
