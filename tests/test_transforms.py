@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dcq.data import EvalTransform, TrainTransform, decode_image, to_tensor
+from dcq.data import EvalTransform, TrainTransform, decode_image, normalize, to_chw_uint8, to_tensor
 from dcq.errors import DcqError
 
 
@@ -107,3 +107,93 @@ def test_train_transform_global_rng_follows_manual_seed():
     torch.manual_seed(5)
     b = [tr(img) for _ in range(30)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_normalize_is_the_insightface_formula_for_every_level():
+    levels = np.arange(256, dtype=np.uint8)
+    expected = ((levels.astype(np.float64) - 127.5) / 127.5).astype(np.float32)
+    got = normalize(torch.from_numpy(levels))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert float(got[0]) == -1.0 and float(got[255]) == 1.0
+    with pytest.raises(DcqError, match="uint8"):
+        normalize(torch.zeros(3))
+
+
+def test_to_chw_uint8_layout_and_flip():
+    img = _ramp(5, 7)
+    t = to_chw_uint8(img)
+    assert t.dtype == torch.uint8 and t.shape == (3, 5, 7) and t.is_contiguous()
+    for c in range(3):
+        for y in range(5):
+            for x in range(7):
+                assert int(t[c, y, x]) == int(img[y, x, c])
+                assert int(to_chw_uint8(img, flip=True)[c, y, x]) == int(img[y, 6 - x, c])
+    batch = to_chw_uint8(np.stack([img, img[::-1]]))
+    assert batch.shape == (2, 3, 5, 7) and torch.equal(batch[0], t)
+    t[0, 0, 0] = 0 if img[0, 0, 0] else 1  # its own memory: the array is untouched
+    assert int(img[0, 0, 0]) != int(t[0, 0, 0])
+    with pytest.raises(DcqError, match="uint8"):
+        to_chw_uint8(img.astype(np.float32))
+
+
+def test_uint8_transforms_normalise_to_the_float_ones():
+    img = _ramp(16, 16)
+    data = _encode(img, "JPEG")
+    ev = EvalTransform(8, normalize=False)(data)
+    assert ev.dtype == torch.uint8 and ev.shape == (3, 8, 8)
+    assert torch.equal(normalize(ev), EvalTransform(8)(data))
+    as_uint8 = TrainTransform(16, seed=4, normalize=False)
+    as_float = TrainTransform(16, seed=4)
+    flips = 0
+    for _ in range(40):
+        u, f = as_uint8(data), as_float(data)
+        assert u.dtype == torch.uint8 and torch.equal(normalize(u), f)  # the same flips, the same values
+        flips += bool(torch.equal(u, to_chw_uint8(decode_image(data, 16), flip=True)))
+    assert 5 < flips < 35
+
+
+def test_bad_decoder_name_fails_when_the_transform_is_built():
+    with pytest.raises(DcqError, match="unknown JPEG decoder"):
+        TrainTransform(16, decoder="gpu")
+    with pytest.raises(DcqError, match="unknown JPEG decoder"):
+        EvalTransform(16, decoder="gpu")
+
+
+def _tiny_step(seed: int):
+    from dcq.heads.full_fc import FullFC
+    from dcq.train.step import TrainStep
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 8))
+    head = FullFC(8, 4)
+    opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.1)
+    return TrainStep(net, head, opt), net
+
+
+def test_train_step_normalises_uint8_batches_exactly_like_float_ones():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 6, 6, 3), dtype=np.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    step_u, net_u = _tiny_step(0)
+    step_f, net_f = _tiny_step(0)
+    for _ in range(3):
+        out_u = step_u(to_chw_uint8(images), None, labels, device=torch.device("cpu"))
+        out_f = step_f(to_tensor(images), None, labels, device=torch.device("cpu"))
+        assert torch.equal(out_u.loss, out_f.loss)
+    for a, b in zip(net_u.parameters(), net_f.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_embedding_moves_uint8_and_matches_float_input_exactly():
+    from dcq.eval.embedding import _batch_tensor, embed_images
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(6, 6, 6, 3), dtype=np.uint8)
+    assert _batch_tensor(images, 0, 4, 6).dtype == torch.uint8
+    assert _batch_tensor([_encode(im) for im in images], 0, 4, 6).dtype == torch.uint8
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))
+    from_uint8 = embed_images(net, images, batch_size=4, image_size=6)
+    from_float = embed_images(net, to_tensor(images), batch_size=4, image_size=6)
+    np.testing.assert_array_equal(from_uint8, from_float)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dcq.export", "export a checkpoint's encoder to ONNX, checked against onnxruntime"),
     "align": ("dcq.deploy.align_cli", "aligned face crops from photos and their 5 landmarks"),
     "gallery": ("dcq.deploy.gallery_cli", "enrol embeddings in a gallery and search it (exact or faiss IVF/HNSW)"),
+    "convert": ("dcq.convert", "insightface arcface_torch backbone.pth -> dcq checkpoint, and back"),
     "bench": ("dcq.bench.cli", "benchmarks: head step time and memory against the number of identities"),
 }
 

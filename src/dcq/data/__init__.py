@@ -37,6 +37,8 @@ _EXPORTS = {
     "ProbeSet": "dcq.data.probe",
     "decode_image": "dcq.data.transforms",
     "to_tensor": "dcq.data.transforms",
+    "to_chw_uint8": "dcq.data.transforms",
+    "normalize": "dcq.data.transforms",
     "TrainTransform": "dcq.data.transforms",
     "EvalTransform": "dcq.data.transforms",
 }
@@ -54,11 +56,13 @@ __all__ = [
     "RecordReader",
     "TrainTransform",
     "decode_image",
+    "normalize",
     "open_dataset",
     "pack_record",
     "read_bin",
     "read_probe_set",
     "synthesize",
+    "to_chw_uint8",
     "to_tensor",
     "unpack_record",
     "write_bin",
@@ -80,7 +84,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dcq.data.recordio_format import RecordReader
     from dcq.data.source import FaceSource
     from dcq.data.synthetic import synthesize
-    from dcq.data.transforms import EvalTransform, TrainTransform, decode_image, to_tensor
+    from dcq.data.transforms import (
+        EvalTransform,
+        TrainTransform,
+        decode_image,
+        normalize,
+        to_chw_uint8,
+        to_tensor,
+    )
     from dcq.data.verification_bin import read_bin, write_bin
 
 

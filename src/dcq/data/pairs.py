@@ -6,7 +6,8 @@ step (and then joins the queue). The reference should be a different image of th
 generated weight does not just memorise the sample.
 
 ``PairSampler`` decides which images (a deterministic function of seed, epoch and rank) and
-``PairDataset`` decodes them; together they give batches ``(B,3,H,W), (B,k,3,H,W), (B,)``.
+``PairDataset`` decodes them; together they give batches ``(B,3,H,W), (B,k,3,H,W), (B,)`` (uint8 or
+float32, as the transform returns them).
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ class PairDataset(Dataset):
 
     ``sample`` is (3,H,W), ``references`` (k,3,H,W), ``label`` an int, so the default collate gives
     (B,3,H,W), (B,k,3,H,W), (B,). Each image goes through ``transform`` independently (its own flip).
+    With a ``normalize=False`` transform the images stay uint8, which is what a DataLoader worker
+    should hand over (a quarter of float32's bytes); ``TrainStep`` normalises them on the device.
 
     ``preload=True`` decodes the whole source once into a shared uint8 (N,H,W,3) tensor, which makes
     small datasets train fast on CPU and is shared with DataLoader workers instead of copied.

@@ -10,10 +10,15 @@ from dcq.errors import DcqError
 def configure_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder (created); gets train.rec/.idx or train/, val.bin, "
                                     "probe.rec/.idx, stats.json")
-    parser.add_argument("--profile", choices=("ms1m", "mf2"), default="ms1m",
-                        help="identity-size profile: ms1m (tens of images each) or mf2 (>=85%% under 10)")
-    parser.add_argument("--identities", type=int, default=1000, metavar="N", help="training identities")
-    parser.add_argument("--image-size", type=int, default=112, metavar="PX", help="square image side (112)")
+    parser.add_argument("--profile", choices=("ms1m", "mf2", "ijb", "megaface"), default="ms1m",
+                        help="identity-size profile: ms1m (tens of images each) or mf2 (>=85%% under 10); or a "
+                             "benchmark set: ijb (IJB-B/C layout: loose crops, landmarks, templates, pairs) or "
+                             "megaface (probes/<identity>/ + distractors/)")
+    parser.add_argument("--identities", type=int, default=None, metavar="N",
+                        help="training identities (default 1000); ijb: identities (default 200); megaface: probe "
+                             "identities (default 80)")
+    parser.add_argument("--image-size", type=int, default=112, metavar="PX",
+                        help="square image side (112); ijb: side of the aligned face inside each loose crop")
     parser.add_argument("--format", choices=("rec", "folder"), default="rec", dest="fmt",
                         help="train.rec + train.idx (insightface) or train/<identity>/<n>.jpg")
     parser.add_argument("--seed", type=int, default=0)
@@ -25,11 +30,27 @@ def configure_synth(parser: argparse.ArgumentParser) -> None:
                         help="held-out images per training identity in probe.rec")
     parser.add_argument("--workers", type=int, default=1, help="rendering processes (output is identical)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench = parser.add_argument_group("benchmark sets (--profile ijb / megaface)")
+    bench.add_argument("--ijb-name", choices=("ijbc", "ijbb"), default="ijbc",
+                       help="file prefix of the IJB meta files (default ijbc)")
+    bench.add_argument("--impostor-pairs", type=int, default=2_000_000, metavar="P",
+                       help="ijb: impostor template pairs, all of them when there are fewer (default 2000000)")
+    bench.add_argument("--images-per-identity", type=int, default=10, metavar="K",
+                       help="megaface: images per probe identity (default 10)")
+    bench.add_argument("--distractors", type=int, default=1000, metavar="N",
+                       help="megaface: distractor images, one identity each (default 1000)")
+    bench.add_argument("--first-identity", type=int, default=None, metavar="I",
+                       help="ijb / megaface: first identity number (default 10000000 / 20000000, far from the "
+                            "0..N that training sets use)")
 
 
 def run_synth(args: argparse.Namespace) -> int:
     from dcq.data.synthetic import synthesize
 
+    if args.profile in ("ijb", "megaface"):
+        return _run_benchmark_set(args)
+    if args.identities is None:
+        args.identities = 1000
     if args.identities < 1:
         raise DcqError(f"--identities must be at least 1, got {args.identities}")
     if args.workers < 1:
@@ -49,4 +70,30 @@ def run_synth(args: argparse.Namespace) -> int:
           f"probe.rec: {st['probes']} images")
     print(f"  rendered {st['rendered_images']} images in {st['seconds']:.1f} s "
           f"({st['images_per_second']:.0f} images/s with {args.workers} worker{'s' if args.workers > 1 else ''})")
+    return 0
+
+
+def _run_benchmark_set(args: argparse.Namespace) -> int:
+    from dcq.data import synth_protocols as sp
+
+    if args.workers < 1:
+        raise DcqError(f"--workers must be at least 1, got {args.workers}")
+    common = dict(image_size=args.image_size, seed=args.seed, workers=args.workers, progress=not args.quiet)
+    if args.profile == "ijb":
+        first = sp.IJB_FIRST_IDENTITY if args.first_identity is None else args.first_identity
+        st = sp.synthesize_ijb(args.out, identities=200 if args.identities is None else args.identities,
+                               name=args.ijb_name, impostor_pairs=args.impostor_pairs, first_identity=first, **common)
+        print(f"wrote {args.out}: meta/{st['name']}_*.txt, loose_crop/, stats.json")
+        print(f"  {st['images']} crops of {st['identities']} identities in {st['templates']} templates "
+              f"({st['media']} media); {st['pairs']} pairs ({st['genuine_pairs']} genuine)")
+    else:
+        first = sp.MEGAFACE_FIRST_IDENTITY if args.first_identity is None else args.first_identity
+        st = sp.synthesize_megaface(args.out, identities=80 if args.identities is None else args.identities,
+                                    images_per_identity=args.images_per_identity, distractors=args.distractors,
+                                    first_identity=first, **common)
+        print(f"wrote {args.out}: probes/<identity>/, distractors/, stats.json")
+        print(f"  {st['probe_images']} probe images of {st['probe_identities']} identities; "
+              f"{st['distractors']} distractors")
+    print(f"  identities {st['identity_range'][0]}..{st['identity_range'][1] - 1}, seed {st['seed']}, "
+          f"{st['seconds']:.1f} s")
     return 0

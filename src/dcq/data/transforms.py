@@ -4,21 +4,26 @@ Face-recognition nets are trained on aligned crops, so there is no cropping or c
 here: the only train-time augmentation insightface uses is a horizontal flip. Pixels map to
 [-1, 1] with ``(x - 127.5) / 127.5``, the insightface convention, so checkpoints and the ONNX
 export agree with models trained there.
+
+The transforms can stop at uint8 (``normalize=False``): a DataLoader worker then hands over a
+quarter of the bytes, and ``normalize`` runs in the training process after the copy to the device,
+where it costs nothing. ``normalize`` and ``to_tensor`` compute the same float32 values, so the two
+orders train identically.
 """
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import get_worker_info
 
+from dcq.data.decode import as_rgb_array, decode_bytes, resolve_decoder
 from dcq.errors import DcqError
 from dcq.seeds import stream_seed
 
-__all__ = ["EvalTransform", "TrainTransform", "decode_image", "resize_image", "to_tensor"]
+__all__ = ["EvalTransform", "TrainTransform", "decode_image", "normalize", "resize_image", "to_chw_uint8",
+           "to_tensor"]
 
 _BytesLike = (bytes, bytearray, memoryview)
 
@@ -34,47 +39,17 @@ def resize_image(img: np.ndarray, image_size: int) -> np.ndarray:
     return np.array(pil)
 
 
-def _as_rgb_array(img: np.ndarray) -> np.ndarray:
-    """Accept HxW, HxWx1, HxWx3 or HxWx4 uint8 arrays and return HxWx3 uint8."""
-    if not isinstance(img, np.ndarray):
-        raise DcqError(f"expected encoded image bytes or a uint8 numpy array, got {type(img).__name__}")
-    if img.dtype != np.uint8:
-        raise DcqError(f"expected a uint8 image array, got dtype {img.dtype}; convert with .astype(np.uint8)")
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    elif not (img.ndim == 3 and img.shape[2] == 3):
-        raise DcqError(f"expected an HxWx3 image array, got shape {tuple(img.shape)}")
-    return img
-
-
-def decode_image(data, image_size: int | None = None, *, where: str = "") -> np.ndarray:
+def decode_image(data, image_size: int | None = None, *, where: str = "", decoder: str | None = None) -> np.ndarray:
     """Decode JPEG/PNG/BMP bytes to uint8 HxWx3 RGB, resized to image_size when it differs.
 
     ``where`` (e.g. "train.rec record 17 at byte 4096") is put in the error message so a corrupt
-    record can be found. Already-decoded uint8 arrays are passed through (and resized).
+    record can be found. Already-decoded uint8 arrays are passed through (and resized). ``decoder``:
+    'auto', 'turbo' or 'pil' (see ``dcq.data.decode``; default: ``DCQ_JPEG_DECODER``, else auto).
     """
     if isinstance(data, np.ndarray):
-        img = _as_rgb_array(data)
+        img = as_rgb_array(data)
     elif isinstance(data, _BytesLike):
-        try:
-            with Image.open(io.BytesIO(data)) as pil:
-                if image_size is not None and pil.format == "JPEG":
-                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the stored image is much larger.
-                    pil.draft("RGB", (image_size, image_size))
-                img = np.array(pil.convert("RGB"))
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-            loc = f" ({where})" if where else ""
-            reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
-            if isinstance(exc, Image.DecompressionBombError):
-                reason = f"too many pixels to decode safely (Pillow's decompression-bomb guard: {exc})"
-            raise DcqError(
-                f"cannot decode image{loc}: {reason}; the record is corrupt or not JPEG/PNG/BMP — "
-                "re-create the file or train with on_bad_record='skip'"
-            ) from None
+        img = decode_bytes(data, image_size, where=where, decoder=decoder)
     else:
         raise DcqError(f"expected encoded image bytes or a uint8 numpy array, got {type(data).__name__}")
     if image_size is not None:
@@ -82,32 +57,47 @@ def decode_image(data, image_size: int | None = None, *, where: str = "") -> np.
     return img
 
 
+def to_chw_uint8(img: np.ndarray, flip: bool = False) -> torch.Tensor:
+    """uint8 HxWx3 (or NxHxWx3) -> uint8 3xHxW (or Nx3xHxW) tensor in its own memory, mirrored left-right
+    when ``flip``: one copy does the layout change and the flip."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[-1] != 3:
+        raise DcqError(f"expected uint8 HxWx3 or NxHxWx3 images, got {img.dtype} {tuple(img.shape)}")
+    view = img[..., ::-1, :] if flip else img
+    axes = (2, 0, 1) if img.ndim == 3 else (0, 3, 1, 2)
+    return torch.from_numpy(np.array(view.transpose(axes), order="C"))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any layout, any device) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``."""
+    if x.dtype != torch.uint8:
+        raise DcqError(f"normalize expects uint8 images, got dtype {x.dtype}")
+    return x.float().sub_(127.5).div_(127.5)
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 (or NxHxWx3) -> float32 3xHxW (or Nx3xHxW) in [-1, 1]."""
-    img = np.ascontiguousarray(img)
-    if not img.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
-        img = img.copy()
-    t = torch.from_numpy(img)
-    if t.dim() == 3:
-        t = t.permute(2, 0, 1)
-    elif t.dim() == 4:
-        t = t.permute(0, 3, 1, 2)
-    else:
-        raise DcqError(f"to_tensor expects HxWx3 or NxHxWx3 uint8, got shape {tuple(t.shape)}")
-    return t.float().sub_(127.5).div_(127.5).contiguous()
+    return normalize(to_chw_uint8(img))
 
 
 class EvalTransform:
-    """bytes or uint8 array -> normalised 3xHxW tensor, no randomness (evaluation, embedding)."""
+    """bytes or uint8 array -> 3xHxW tensor, no randomness (evaluation, embedding).
 
-    def __init__(self, image_size: int = 112):
+    float32 in [-1, 1], or uint8 with ``normalize=False`` (then ``normalize`` it after the copy to the
+    device)."""
+
+    def __init__(self, image_size: int = 112, normalize: bool = True, decoder: str | None = None):
         self.image_size = int(image_size)
+        self.normalize = bool(normalize)
+        self.decoder = decoder
+        resolve_decoder(decoder)  # a bad name fails here, and a missing simplejpeg is logged once, before workers fork
 
     def __call__(self, data) -> torch.Tensor:
-        return to_tensor(decode_image(data, self.image_size))
+        x = to_chw_uint8(decode_image(data, self.image_size, decoder=self.decoder))
+        return normalize(x) if self.normalize else x
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size})"
+        return f"EvalTransform(image_size={self.image_size}, normalize={self.normalize})"
 
 
 class TrainTransform:
@@ -116,13 +106,18 @@ class TrainTransform:
     With ``seed=None`` the flip draws from torch's global RNG, which DataLoader seeds differently
     in every worker, so runs are reproducible through ``torch.manual_seed``. With an integer seed
     the transform owns a generator seeded from (seed, worker id), created lazily in each process
-    so forked workers do not share one stream.
+    so forked workers do not share one stream. One draw per image, after decoding it, whatever
+    ``normalize`` is, so uint8 and float outputs are the same images.
     """
 
-    def __init__(self, image_size: int = 112, flip: bool = True, seed: int | None = None):
+    def __init__(self, image_size: int = 112, flip: bool = True, seed: int | None = None, normalize: bool = True,
+                 decoder: str | None = None):
         self.image_size = int(image_size)
         self.flip = bool(flip)
         self.seed = seed
+        self.normalize = bool(normalize)
+        self.decoder = decoder
+        resolve_decoder(decoder)  # a bad name fails here, and a missing simplejpeg is logged once, before workers fork
         self._gen: torch.Generator | None = None
         self._gen_owner: tuple | None = None
 
@@ -143,10 +138,9 @@ class TrainTransform:
         return bool(torch.rand((), generator=self._generator()) < 0.5)
 
     def __call__(self, data) -> torch.Tensor:
-        img = decode_image(data, self.image_size)
-        if self.should_flip():
-            img = img[:, ::-1]
-        return to_tensor(img)
+        img = decode_image(data, self.image_size, decoder=self.decoder)
+        x = to_chw_uint8(img, flip=self.should_flip())
+        return normalize(x) if self.normalize else x
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -155,4 +149,5 @@ class TrainTransform:
         return state
 
     def __repr__(self) -> str:
-        return f"TrainTransform(image_size={self.image_size}, flip={self.flip}, seed={self.seed})"
+        return (f"TrainTransform(image_size={self.image_size}, flip={self.flip}, seed={self.seed}, "
+                f"normalize={self.normalize})")

@@ -2,7 +2,8 @@
 
 All three use the checkpoint's *evaluation encoder*: the weight generator (the EMA copy) when
 the checkpoint has one, as the DCQ paper evaluates, else the feature extractor; embeddings are
-flip-test, L2-normalised (``--no-flip`` turns the flip off).
+flip-test, L2-normalised (``--no-flip`` turns the flip off). `dcq eval` also takes an ``.onnx``
+model (run by onnxruntime, `dcq.eval.embedder`) for ``--bin``, ``--ijb`` and ``--megaface``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ TABLE_FARS = ("1e-4", "1e-3", "1e-2", "1e-1")
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint .pt written by `dcq train`")
+def _add_common(parser: argparse.ArgumentParser, model_help: str = "checkpoint .pt written by `dcq train`") -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help=model_help)
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     parser.add_argument("--no-flip", action="store_true", help="no flip test (embed only the image itself)")
@@ -78,7 +79,8 @@ def verification_table(results: dict) -> str:
 
 # --------------------------------------------------------------------------- dcq eval
 def configure_eval(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
+    _add_common(parser, "checkpoint .pt written by `dcq train`, or an .onnx model (dcq's export or insightface's; "
+                "--bin, --ijb and --megaface)")
     parser.add_argument("--bin", nargs="+", action="extend", default=[], metavar="FILE",
                         help="verification .bin files (lfw.bin, cfp_fp.bin, ...); set name = file stem")
     parser.add_argument("--json", metavar="OUT", help="write {set: {accuracy, accuracy_std, threshold, pairs, "
@@ -90,6 +92,18 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distractors", metavar="FILE.npy", help="with --dataset: distractor embeddings "
                         "(N, d) from `dcq embed`, added to the identification gallery (MegaFace style)")
     parser.add_argument("--folds", type=int, default=10, help="verification folds (default 10)")
+    bench = parser.add_argument_group("benchmark protocols (CKPT may also be an .onnx model)")
+    bench.add_argument("--ijb", metavar="DIR", help="IJB-B/C 1:1 template verification on insightface's layout "
+                       "(DIR/meta/<name>_*.txt, DIR/loose_crop/); JSON key \"ijb\"")
+    bench.add_argument("--ijb-name", choices=("ijbc", "ijbb"), default="ijbc",
+                       help="which IJB set's meta files (default ijbc)")
+    bench.add_argument("--megaface", metavar="DIR", help="MegaFace challenge-1 identification of the aligned "
+                       "probe set DIR/<identity>/<image> (or DIR/probes/...); JSON key \"megaface\"")
+    bench.add_argument("--megaface-distractors", nargs="+", metavar="FILE.npy|DIR",
+                       help="distractor embeddings with the same model: .npy files from `dcq embed CKPT` or the "
+                       "shard folder of `dcq embed --onnx` (all read as one, in order; memory-mapped)")
+    bench.add_argument("--megaface-sizes", metavar="N,N,...",
+                       help="distractor-set sizes (default 10,100,... up to all of them)")
 
 
 def _set_names(bins: list[str]) -> list[str]:
@@ -104,13 +118,21 @@ def _set_names(bins: list[str]) -> list[str]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from dcq.eval.protocol_cli import (_check_protocol_args, _dataset_report, _load_distractors, _plot_protocols,
+                                       _protocols, _run_eval_model)
     from dcq.eval.pipeline import evaluate_checkpoint
     from dcq.eval.verification import roc_curve_points
 
-    if not args.bin and not args.dataset:
-        raise DcqError("nothing to evaluate: pass --bin FILE (verification pairs) and/or --dataset DIR")
+    from dcq.eval.embedder import is_onnx
+
+    if not args.bin and not args.dataset and not args.ijb and not args.megaface:
+        raise DcqError("nothing to evaluate: pass --bin FILE (verification pairs), --dataset DIR, --ijb DIR "
+                       "and/or --megaface DIR")
     if args.distractors and not args.dataset:
         raise DcqError("--distractors needs --dataset DIR (its probe set is identified against them)")
+    _check_protocol_args(args)
+    if is_onnx(args.checkpoint):
+        return _run_eval_model(args)
     _set_names(args.bin)
     json_path = Path(args.json) if args.json else None
     if json_path is not None and json_path.is_dir():
@@ -136,9 +158,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if results:
         print(verification_table(results))
     extra = _dataset_report(ev, distractors) if args.dataset else {}
+    protocols, ijb_curves = {}, {}
+    if args.ijb or args.megaface:
+        from dcq.eval.embedder import CheckpointModel
+
+        model = CheckpointModel.from_loaded(ev.encoder, ev.info, device, args.batch_size, not args.no_flip)
+        protocols, ijb_curves = _protocols(args, model)
     if json_path is not None:
-        if results:
-            _write_json(json_path, results)
+        if results or protocols:
+            _write_json(json_path, {**results, **protocols})
             print(f"wrote {json_path}")
         if extra:
             lt_path = json_path.with_name(json_path.stem + ".longtail.json")
@@ -152,55 +180,11 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"wrote {plot_roc(curves, out / 'roc.png')}")
         if extra.get("longtail"):
             print(f"wrote {plot_longtail({ev.info['which']: extra['longtail']['rows']}, out / 'longtail.png')}")
+        _plot_protocols(ijb_curves, out)
     return 0
 
 
-def _load_distractors(path):
-    import numpy as np
-
-    path = Path(path)
-    if not path.is_file():
-        raise DcqError(f"--distractors {path}: file not found; make it with `dcq embed CKPT DIR --out {path}`")
-    try:
-        distractors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DcqError(f"--distractors {path}: not a .npy embedding array ({exc})") from None
-    bad = _non_finite_rows(distractors)
-    if bad:
-        raise DcqError(f"--distractors {path}: {bad} of {len(distractors)} embeddings hold NaN or Inf; "
-                       "re-create the file with `dcq embed`")
-    return distractors
-
-
-def _dataset_report(ev, distractors) -> dict:
-    """Long-tail buckets of the dataset's probe set, plus MegaFace-style identification of the same
-    probes against the identity centres and the distractors (one embedding pass for both)."""
-    from dcq.eval.identification import identify
-    from dcq.eval.longtail import rows_to_markdown
-
-    report, gallery = ev.longtail, ev.gallery
-    print(f"\nlong tail ({report['probes']} probes of {report['identities']} training identities; gallery = one "
-          "centre per identity):")
-    print(rows_to_markdown(report["rows"]))
-    out = {"longtail": report}
-    if distractors is not None:
-        result = identify(gallery.probe_emb, gallery.probe_labels, gallery.centres, gallery.centre_labels,
-                          distractor_emb=distractors)
-        print(f"\nidentification ({result['probes']} probes, {result['gallery']} identity centres + "
-              f"{result['distractors']} distractors): " +
-              ", ".join(f"rank-{k} {fmt_metric(v)}" for k, v in result["rank"].items()))
-        out["identification"] = result
-    return out
-
-
-def _non_finite_rows(array, chunk: int = 65536) -> int:
-    import numpy as np
-
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        return 0  # the identification code reports the shape/dtype
-    return sum(int((~np.isfinite(array[i:i + chunk])).any(axis=1).sum()) for i in range(0, len(array), chunk))
-
-
+# --------------------------------------------------------------------------- benchmark protocols
 # --------------------------------------------------------------------------- dcq embed
 def configure_embed(parser: argparse.ArgumentParser) -> None:
     from dcq.deploy.embed_cli import add_onnx_options

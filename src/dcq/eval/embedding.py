@@ -27,8 +27,9 @@ def encoder_image_size(encoder: nn.Module, default: int | None = None) -> int | 
 
 
 def _batch_tensor(images, start: int, stop: int, image_size: int | None) -> torch.Tensor:
-    """Images [start, stop) as a float (B, 3, H, W) tensor in [-1, 1]."""
-    from dcq.data.transforms import decode_image, to_tensor
+    """Images [start, stop) as a (B, 3, H, W) tensor: float in [-1, 1] as given, else uint8 (normalised
+    by the caller after the copy to the device, which moves a quarter of the bytes)."""
+    from dcq.data.transforms import decode_image, to_chw_uint8
 
     if isinstance(images, torch.Tensor):
         x = images[start:stop]
@@ -41,7 +42,7 @@ def _batch_tensor(images, start: int, stop: int, image_size: int | None) -> torc
         chunk = images[start:stop]
         if image_size is not None and chunk.shape[1:3] != (image_size, image_size):
             chunk = np.stack([decode_image(img, image_size) for img in chunk])
-        return to_tensor(chunk)
+        return to_chw_uint8(chunk)
     items = images[start:stop]
     decoded = [decode_image(item if not isinstance(item, memoryview) else bytes(item), image_size,
                             where=f"image {start + k}") for k, item in enumerate(items)]
@@ -49,7 +50,7 @@ def _batch_tensor(images, start: int, stop: int, image_size: int | None) -> torc
     if len(shapes) > 1:
         raise DcqError(f"images {start}..{stop - 1} have different sizes {sorted(shapes)}; pass image_size to "
                        "resize them to the encoder's input size")
-    return to_tensor(np.stack(decoded))
+    return to_chw_uint8(np.stack(decoded))
 
 
 def _check_images(images) -> int:
@@ -79,6 +80,8 @@ def embed_images(encoder: nn.Module, images, batch_size: int = 256, flip: bool =
     Images are decoded one batch at a time, so a long list of bytes is never decoded at once.
     The encoder runs in eval mode under ``torch.no_grad()``; its previous mode is restored.
     """
+    from dcq.data.transforms import normalize
+
     n = _check_images(images)
     if batch_size < 1:
         raise DcqError(f"batch size must be >= 1, got {batch_size}")
@@ -98,6 +101,8 @@ def embed_images(encoder: nn.Module, images, batch_size: int = 256, flip: bool =
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
                 x = _batch_tensor(images, start, stop, size).to(device)
+                if x.dtype == torch.uint8:
+                    x = normalize(x)
                 if flip:
                     both = encoder(torch.cat([x, torch.flip(x, dims=[3])])).float()
                     e = both[: x.shape[0]] + both[x.shape[0]:]

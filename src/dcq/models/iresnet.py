@@ -16,6 +16,7 @@ LAYERS = {
     "iresnet34": (3, 4, 6, 3),
     "iresnet50": (3, 4, 14, 3),
     "iresnet100": (3, 13, 30, 3),
+    "iresnet200": (6, 26, 60, 6),
 }
 BN_EPS = 1e-5
 

@@ -109,11 +109,21 @@ class Model:
         return self.weight_generator.encoder if self.weight_generator is not None else self.feature_extractor
 
 
-def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int, total_steps: int) -> Model:
-    """Build every trained part on `ctx.device` (`ctx`: `dcq.distributed` context)."""
+def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int, total_steps: int,
+                resuming: bool = False, notes: list[str] | None = None) -> Model:
+    """Build every trained part on `ctx.device` (`ctx`: `dcq.distributed` context). `init_from`
+    starts the backbone (and so the weight generator, its copy) from a pretrained model, unless the
+    run resumes from a checkpoint, whose weights win; what happened is appended to `notes`."""
     device = ctx.device
     backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                             dropout=cfg.dropout).to(device)
+    if cfg.init_from:  # before the weight generator copies the backbone
+        from dcq.convert import init_backbone
+
+        note = (f"init_from={cfg.init_from} not read: a resumed run starts from its checkpoint" if resuming
+                else init_backbone(backbone, cfg))
+        if notes is not None:
+            notes.append(note)
     head = build_head(cfg, num_identities, distributed=ctx.distributed, world_size=ctx.world_size).to(device)
     weight_generator = (MomentumEncoder(backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits,
                                         shuffle_bn=cfg.shuffle_bn and ctx.distributed)

@@ -32,6 +32,7 @@ class TrainConfig:
     embedding_size: int = 128
     image_size: int = 40
     dropout: float = 0.0
+    init_from: str = ""  # fine-tune: backbone.pth (arcface_torch) or dcq checkpoint; a resumed run ignores it
     # head: dcq | fc | pfc
     head: str = "dcq"
     queue_size: int = 0  # DCQ: queue entries, a count; 0 = use queue_fraction
@@ -130,6 +131,9 @@ class TrainConfig:
             raise DcqError(f"config: batch_size={self.batch_size} is too small: BatchNorm needs at least 2 "
                            "images per batch; use batch_size >= 2 (the paper uses 128 or more)")
         _check_model(self.backbone, self.image_size)
+        if self.init_from and Path(self.init_from).is_dir():
+            raise DcqError(f"config: init_from={self.init_from} is a folder; give a backbone.pth (arcface_torch) "
+                           "or a dcq checkpoint .pt file")
         _check_device(self.device)
         if self.keep_last < 1:
             raise DcqError(f"config: keep_last={self.keep_last} must be >= 1")

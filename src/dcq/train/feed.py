@@ -99,7 +99,8 @@ class TrainingData:
         """Decoding and augmentation of every item (with `preload`, every image is decoded now)."""
         from dcq.data import PairDataset, TrainTransform
 
-        transform = TrainTransform(cfg.image_size, flip=cfg.flip)
+        # uint8 out of the workers; TrainStep normalises on the device
+        transform = TrainTransform(cfg.image_size, flip=cfg.flip, normalize=False)
         self.pair_dataset = PairDataset(self.source, transform, num_references=cfg.references, preload=cfg.preload,
                                         on_bad_record=cfg.on_bad_record, progress=progress)
         self.items = SeededItems(self.pair_dataset)

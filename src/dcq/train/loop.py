@@ -76,7 +76,8 @@ class Trainer:
             self.data.prepare_items(cfg, progress=cfg.progress and on_terminal())
             self.steps_per_epoch = self.data.epoch_length // cfg.batch_size
             self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-            self.model = build_model(cfg, n_ids, self.ctx, self.steps_per_epoch, self.total_steps)
+            self.model = build_model(cfg, n_ids, self.ctx, self.steps_per_epoch, self.total_steps,
+                                     resuming=resume not in (None, "auto"), notes=notes)
             self.state = TrainingState(cfg, self.model, self.ctx, self.files, self.data.fingerprint,
                                        self.data.source.identity_names)
             if resume:

@@ -9,6 +9,8 @@ A `TrainStep` owns the three parts of the model and what updates them:
 
 plus the optimiser, the GradScaler, gradient clipping and (optionally) the LR schedule. One call:
 
+0. move the batch to the device (non-blocking; from pinned memory on CUDA) and map uint8 images to
+   [-1, 1] there (``dcq.data.transforms.normalize``);
 1. zero the gradients;
 2. EMA update of the weight generator towards the feature extractor;
 3. keys: the weight generator's embeddings of the references (B, k, ...) -> (B, d), or (B, k, d)
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dcq.data.transforms import normalize
 from dcq.heads.base import Head, HeadOutput
 from dcq.momentum import MomentumEncoder
 
@@ -100,6 +103,11 @@ class TrainStep:
             labels = labels.to(device, non_blocking=True)
             if references is not None and self.weight_generator is not None:
                 references = references.to(device, non_blocking=True)
+        # uint8 images from the loader (a quarter of float32's bytes) are mapped to [-1, 1] here, after the copy
+        if samples.dtype == torch.uint8:
+            samples = normalize(samples)
+        if references is not None and self.weight_generator is not None and references.dtype == torch.uint8:
+            references = normalize(references)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         keys = None
