@@ -1,15 +1,15 @@
 """Face images from files for deployment: a decoded, aligned or resized crop, or the reason it failed.
 
 A job over a photo collection must not stop at its first broken file, so `load_crop` raises
-`BadImage` (to be listed and skipped) instead of `DcqError`. Crops given as aligned images are
-decoded and resized exactly as `dcq embed CKPT` does (Pillow; JPEG draft decoding; box filter when
-shrinking, bilinear when enlarging), so the two paths embed the same pixels. Photos with landmarks
+`BadImage` (to be listed and skipped) instead of `DcqError`. Files are decoded by
+`dcq.data.decode.decode_bytes` (libjpeg-turbo when installed, Pillow otherwise; JPEGs much larger
+than the crop shrunk while decoding), and crops given as aligned images resized as `dcq embed CKPT`
+does (box filter when shrinking, bilinear when enlarging), so the two paths embed the same pixels. Photos with landmarks
 are warped by `dcq.align` at full resolution. numpy and Pillow only.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +22,25 @@ class BadImage(Exception):
     """A file that cannot be embedded (unreadable, undecodable, no landmarks); the message says why."""
 
 
-def _decode(data: bytes, size: int | None):
-    from PIL import Image
+def _decode(data: bytes, size: int | None) -> np.ndarray:
+    from dcq.data.decode import decode_bytes
 
     try:
-        with Image.open(io.BytesIO(data)) as pil:
-            if size is not None and pil.format == "JPEG":
-                pil.draft("RGB", (size, size))  # libjpeg decodes at 1/2, 1/4, 1/8 scale when far larger
-            return pil.convert("RGB")
-    except Image.UnidentifiedImageError:
-        raise BadImage("not a known image format (JPEG, PNG, BMP, ...)") from None
-    except Image.DecompressionBombError:
-        raise BadImage("too many pixels to decode safely (Pillow's decompression-bomb guard)") from None
-    except Exception as exc:  # Pillow raises many types for a broken file
-        raise BadImage(f"cannot decode ({type(exc).__name__}: {str(exc)[:100]})") from None
+        return decode_bytes(data, size)
+    except DcqError as exc:  # its advice is for training records; keep what went wrong
+        raise BadImage(str(exc).split(";")[0]) from None
 
 
-def resized(pil, size: int) -> np.ndarray:
-    """``pil`` as uint8 (size, size, 3): box filter when shrinking, bilinear when enlarging."""
+def resized(img: np.ndarray, size: int) -> np.ndarray:
+    """``img`` as uint8 (size, size, 3): box filter when shrinking, bilinear when enlarging (the rule
+    of `dcq.data.transforms.resize_image`, which cannot be imported without torch)."""
     from PIL import Image
 
-    if pil.size == (size, size):
-        return np.asarray(pil, dtype=np.uint8)
-    shrinking = size < pil.size[0] or size < pil.size[1]
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    shrinking = size < h or size < w
+    pil = Image.fromarray(img)
     return np.asarray(pil.resize((size, size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR))
 
 
