@@ -83,16 +83,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dcq.train.config import parse_overrides
-
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--runs: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)} (or use --variant)")
-    runs = [(name, VARIANTS[name]) for name in names] + [parse_variant(v) for v in args.variant]
-    base = {**BASE, **parse_overrides(args.overrides)}
-    for name, settings in runs:  # a typo fails now, not after hours of earlier runs
-        check_settings(name, {**base, **settings})
+    runs, base = select_runs(args)
     datasets = prepare_datasets(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     command = "python benchmarks/claims.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -110,6 +101,22 @@ def main(argv=None) -> int:
                 write_outputs(args, results, time.time() - started, command)
     print(markdown(results, args, time.time() - started, command))
     return 0
+
+
+def select_runs(args) -> tuple[list[tuple[str, dict]], dict]:
+    """(runs, base settings) from --runs, --variant and --set, every run's settings checked now:
+    a typo fails before the first run, not after hours of earlier ones."""
+    from dcq.train.config import parse_overrides
+
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--runs: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)} (or use --variant)")
+    runs = [(name, VARIANTS[name]) for name in names] + [parse_variant(v) for v in args.variant]
+    base = {**BASE, **parse_overrides(args.overrides)}
+    for name, settings in runs:
+        check_settings(name, {**base, **settings})
+    return runs, base
 
 
 def check_settings(name: str, settings: dict) -> None:

@@ -30,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from claims import BASE, VARIANTS, check_settings, machine, score_stats
+from claims import machine, score_stats
 
 DEFAULT_RUNS = "FC,Partial FC 0.1,DCQ 10%"
 FAR_KEYS = {"1e-3": 1e-3, "1e-2": 1e-2}
@@ -63,18 +63,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from claims import parse_variant
-    from dcq.train.config import parse_overrides
+    from claims import select_runs
 
     torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--runs: unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)} (or use --variant)")
-    runs = [(name, VARIANTS[name]) for name in names] + [parse_variant(v) for v in args.variant]
-    base = {**BASE, **parse_overrides(args.overrides)}
-    for name, settings in runs:
-        check_settings(name, {**base, **settings})
+    runs, base = select_runs(args)
     datasets = prepare(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     command = "python benchmarks/convergence.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
