@@ -175,14 +175,18 @@ def test_train_step_normalises_uint8_batches_exactly_like_float_ones():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(5, 6, 6, 3), dtype=np.uint8)
     labels = torch.tensor([0, 1, 2, 3, 1])
+    from dcq.data import chw_view
+
     step_u, net_u = _tiny_step(0)
+    step_c, net_c = _tiny_step(0)  # uint8 in the decoder's pixel order, as the training loader gives it
     step_f, net_f = _tiny_step(0)
     for _ in range(3):
         out_u = step_u(to_chw_uint8(images), None, labels, device=torch.device("cpu"))
+        out_c = step_c(chw_view(images), None, labels, device=torch.device("cpu"))
         out_f = step_f(to_tensor(images), None, labels, device=torch.device("cpu"))
-        assert torch.equal(out_u.loss, out_f.loss)
-    for a, b in zip(net_u.parameters(), net_f.parameters()):
-        assert torch.equal(a, b)
+        assert torch.equal(out_u.loss, out_f.loss) and torch.equal(out_c.loss, out_f.loss)
+    for a, b, c in zip(net_u.parameters(), net_f.parameters(), net_c.parameters()):
+        assert torch.equal(a, b) and torch.equal(c, b)
 
 
 def test_embedding_moves_uint8_and_matches_float_input_exactly():

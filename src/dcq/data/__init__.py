@@ -35,6 +35,7 @@ _EXPORTS = {
     "synthesize": "dcq.data.synthetic",
     "read_probe_set": "dcq.data.probe",
     "ProbeSet": "dcq.data.probe",
+    "chw_view": "dcq.data.transforms",
     "decode_image": "dcq.data.transforms",
     "to_tensor": "dcq.data.transforms",
     "to_chw_uint8": "dcq.data.transforms",
@@ -55,6 +56,7 @@ __all__ = [
     "RecordIOWriter",
     "RecordReader",
     "TrainTransform",
+    "chw_view",
     "decode_image",
     "normalize",
     "open_dataset",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from dcq.data.transforms import (
         EvalTransform,
         TrainTransform,
+        chw_view,
         decode_image,
         normalize,
         to_chw_uint8,

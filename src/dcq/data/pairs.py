@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from dcq.data.batching import stack_images
 from dcq.data.groups import LabelGroups
 from dcq.data.keyed import KeyedPermutation, derive_keys, uniform
 from dcq.errors import DcqError
@@ -199,10 +200,12 @@ class PairSampler(Sampler):
 class PairDataset(Dataset):
     """Decodes ``(sample_index, reference_indices)`` into ``(sample, references, label)`` tensors.
 
-    ``sample`` is (3,H,W), ``references`` (k,3,H,W), ``label`` an int, so the default collate gives
-    (B,3,H,W), (B,k,3,H,W), (B,). Each image goes through ``transform`` independently (its own flip).
-    With a ``normalize=False`` transform the images stay uint8, which is what a DataLoader worker
-    should hand over (a quarter of float32's bytes); ``TrainStep`` normalises them on the device.
+    ``sample`` is (3,H,W), ``references`` (k,3,H,W), ``label`` an int, so the default collate (or
+    ``collate_pairs``) gives (B,3,H,W), (B,k,3,H,W), (B,). Each image goes through ``transform``
+    independently (its own flip). With a ``normalize=False`` transform the images stay uint8 in the
+    decoder's pixel order, which is what a DataLoader worker should hand over (a quarter of float32's
+    bytes, nothing rearranged); ``collate_pairs`` keeps that order and ``TrainStep`` normalises on the
+    device.
 
     ``preload=True`` decodes the whole source once into a shared uint8 (N,H,W,3) tensor, which makes
     small datasets train fast on CPU and is shared with DataLoader workers instead of copied.
@@ -267,7 +270,7 @@ class PairDataset(Dataset):
         if self._images is not None:
             if self._bad_mask[i]:
                 raise DcqError(f"{self.source.where(i)}: could not be decoded during preload")
-            return self._images[i].numpy()
+            return self._images[i].numpy().copy()  # the transform may return a view: never one of the shared set
         return self.source.image(i, self.image_size)
 
     def _image(self, i: int) -> torch.Tensor:
@@ -304,7 +307,7 @@ class PairDataset(Dataset):
                 "use the same num_references for PairSampler and PairDataset"
             )
         x = self._image(sample)
-        r = torch.stack([self._image(j) for j in refs])
+        r = stack_images([self._image(j) for j in refs], shared=False)
         return x, r, self.source.label(sample)
 
     def _random_refs(self, sample: int) -> tuple:

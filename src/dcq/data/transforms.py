@@ -9,6 +9,12 @@ The transforms can stop at uint8 (``normalize=False``): a DataLoader worker then
 quarter of the bytes, and ``normalize`` runs in the training process after the copy to the device,
 where it costs nothing. ``normalize`` and ``to_tensor`` compute the same float32 values, so the two
 orders train identically.
+
+A uint8 training image stays in the decoder's memory order: ``chw_view`` gives the (3, H, W) tensor as
+a view of the H x W x 3 pixels (channels-last strides) instead of rearranging 3-byte pixels into planes
+on the CPU, which costs a worker core about 8% of its time per image (``docs/data.md``, "Feeding a
+GPU"); ``normalize`` makes the float batch contiguous on the device, so the network sees the same
+tensor either way.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from dcq.data.decode import as_rgb_array, decode_bytes, resolve_decoder
 from dcq.errors import DcqError
 from dcq.seeds import stream_seed
 
-__all__ = ["EvalTransform", "TrainTransform", "decode_image", "normalize", "resize_image", "to_chw_uint8",
-           "to_tensor"]
+__all__ = ["EvalTransform", "TrainTransform", "chw_view", "decode_image", "normalize", "resize_image",
+           "to_chw_uint8", "to_tensor"]
 
 _BytesLike = (bytes, bytearray, memoryview)
 
@@ -68,11 +74,25 @@ def to_chw_uint8(img: np.ndarray, flip: bool = False) -> torch.Tensor:
     return torch.from_numpy(np.array(view.transpose(axes), order="C"))
 
 
+def chw_view(img: np.ndarray, flip: bool = False) -> torch.Tensor:
+    """uint8 HxWx3 (or NxHxWx3) -> uint8 3xHxW (or Nx3xHxW) over the same pixels (channels-last strides).
+
+    No copy without ``flip``; with it one copy in pixel order (torch's flip). The values are
+    ``to_chw_uint8``'s; only the memory order differs, and ``normalize`` makes it contiguous."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[-1] != 3:
+        raise DcqError(f"expected uint8 HxWx3 or NxHxWx3 images, got {img.dtype} {tuple(img.shape)}")
+    t = torch.from_numpy(img if img.flags.writeable else img.copy())
+    if flip:
+        t = t.flip(-2)
+    return t.permute(2, 0, 1) if t.dim() == 3 else t.permute(0, 3, 1, 2)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images (any layout, any device) -> float32 in [-1, 1]: ``(x - 127.5) / 127.5``."""
+    """uint8 images (any memory order, any device) -> contiguous float32 in [-1, 1]: ``(x - 127.5) / 127.5``."""
     if x.dtype != torch.uint8:
         raise DcqError(f"normalize expects uint8 images, got dtype {x.dtype}")
-    return x.float().sub_(127.5).div_(127.5)
+    return x.contiguous().float().sub_(127.5).div_(127.5)
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -107,7 +127,8 @@ class TrainTransform:
     in every worker, so runs are reproducible through ``torch.manual_seed``. With an integer seed
     the transform owns a generator seeded from (seed, worker id), created lazily in each process
     so forked workers do not share one stream. One draw per image, after decoding it, whatever
-    ``normalize`` is, so uint8 and float outputs are the same images.
+    ``normalize`` is, so uint8 and float outputs are the same images. uint8 comes out in the
+    decoder's pixel order (``chw_view``); float32 contiguous, as before.
     """
 
     def __init__(self, image_size: int = 112, flip: bool = True, seed: int | None = None, normalize: bool = True,
@@ -139,8 +160,8 @@ class TrainTransform:
 
     def __call__(self, data) -> torch.Tensor:
         img = decode_image(data, self.image_size, decoder=self.decoder)
-        x = to_chw_uint8(img, flip=self.should_flip())
-        return normalize(x) if self.normalize else x
+        flip = self.should_flip()
+        return normalize(to_chw_uint8(img, flip=flip)) if self.normalize else chw_view(img, flip=flip)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -27,9 +27,10 @@ def encoder_image_size(encoder: nn.Module, default: int | None = None) -> int | 
 
 
 def _batch_tensor(images, start: int, stop: int, image_size: int | None) -> torch.Tensor:
-    """Images [start, stop) as a (B, 3, H, W) tensor: float in [-1, 1] as given, else uint8 (normalised
-    by the caller after the copy to the device, which moves a quarter of the bytes)."""
-    from dcq.data.transforms import decode_image, to_chw_uint8
+    """Images [start, stop) as a (B, 3, H, W) tensor: float in [-1, 1] as given, else uint8 in pixel order
+    (``chw_view``; normalised by the caller after the copy to the device, which moves a quarter of the
+    bytes and leaves the rearranging to the device)."""
+    from dcq.data.transforms import chw_view, decode_image
 
     if isinstance(images, torch.Tensor):
         x = images[start:stop]
@@ -42,7 +43,7 @@ def _batch_tensor(images, start: int, stop: int, image_size: int | None) -> torc
         chunk = images[start:stop]
         if image_size is not None and chunk.shape[1:3] != (image_size, image_size):
             chunk = np.stack([decode_image(img, image_size) for img in chunk])
-        return to_chw_uint8(chunk)
+        return chw_view(chunk)
     items = images[start:stop]
     decoded = [decode_image(item if not isinstance(item, memoryview) else bytes(item), image_size,
                             where=f"image {start + k}") for k, item in enumerate(items)]
@@ -50,7 +51,7 @@ def _batch_tensor(images, start: int, stop: int, image_size: int | None) -> torc
     if len(shapes) > 1:
         raise DcqError(f"images {start}..{stop - 1} have different sizes {sorted(shapes)}; pass image_size to "
                        "resize them to the encoder's input size")
-    return to_chw_uint8(np.stack(decoded))
+    return chw_view(np.stack(decoded))
 
 
 def _check_images(images) -> int:

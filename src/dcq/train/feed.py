@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dcq.data.batching import collate_pairs
 from dcq.data.source import FaceSource
 from dcq.errors import DcqError
 from dcq.seeds import item_seed, stream_seed
@@ -44,7 +45,12 @@ class PositionedSampler(Sampler):
 
 
 class SeededItems(Dataset):
-    """Seeds torch's RNG per item so augmentation is a function of the item, not of the worker."""
+    """Seeds torch's CPU RNG per item so augmentation is a function of the item, not of the worker.
+
+    Only the CPU generator is seeded: ``torch.manual_seed`` also queues a lazy CUDA/XPU/MTIA seeding
+    with a formatted stack trace on every call (about 70 µs, more inside a DataLoader's deep stack),
+    which cost a third of a worker's time per DCQ item (``docs/data.md``, "Feeding a GPU"); the
+    CPU stream it gives is the same."""
 
     def __init__(self, pairs_dataset):
         self.inner = pairs_dataset
@@ -52,10 +58,14 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.inner)
 
+    @staticmethod
+    def seed_item(seed: int) -> None:
+        torch.default_generator.manual_seed(seed)
+
     def __getitem__(self, item):
         sample, references, seed = item
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.manual_seed(seed)
+            self.seed_item(seed)
             return self.inner[(sample, references)]
 
 
@@ -99,7 +109,7 @@ class TrainingData:
         """Decoding and augmentation of every item (with `preload`, every image is decoded now)."""
         from dcq.data import PairDataset, TrainTransform
 
-        # uint8 out of the workers; TrainStep normalises on the device
+        # uint8 in the decoder's pixel order out of the workers; TrainStep normalises on the device
         transform = TrainTransform(cfg.image_size, flip=cfg.flip, normalize=False)
         self.pair_dataset = PairDataset(self.source, transform, num_references=cfg.references, preload=cfg.preload,
                                         on_bad_record=cfg.on_bad_record, progress=progress)
@@ -116,5 +126,5 @@ class TrainingData:
         # run (which creates it mid-epoch) would shift every later random number.
         shuffling = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
         return DataLoader(self.items, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
-                          num_workers=workers, pin_memory=pin_memory, generator=shuffling,
+                          collate_fn=collate_pairs, num_workers=workers, pin_memory=pin_memory, generator=shuffling,
                           persistent_workers=False, prefetch_factor=4 if workers else None)
