@@ -6,17 +6,24 @@
 
 Three ways of turning a ``train.rec`` record into what the training step takes, all on the same file:
 
-- ``pillow-float`` (the path before libjpeg-turbo): Pillow decode, flip, float32 normalised in the worker;
-- ``turbo-uint8`` (what ``dcq train`` runs now): simplejpeg (libjpeg-turbo) decode, flip, uint8 out of
-  the worker; ``(x - 127.5) / 127.5`` happens on the device after the copy and is not timed here;
+- ``pillow-float`` (the path before libjpeg-turbo, as it was): Pillow decode, flip, float32 normalised
+  in the worker, torch's default collate (contiguous planes), items seeded with ``torch.manual_seed``;
+- ``turbo-uint8`` (what ``dcq train`` runs now): simplejpeg (libjpeg-turbo) decode, flip, uint8 in the
+  decoder's pixel order (``chw_view``, ``collate_pairs``), items seeded on the CPU generator only;
+  ``(x - 127.5) / 127.5`` and the layout change happen on the device after the copy (not timed on CPU);
+- ``turbo-uint8-planes``: the same, but rearranged into contiguous planes in the worker
+  (``to_chw_uint8``, default collate), which isolates what the pixel order is worth;
 - ``mxnet``: insightface's ``MXFaceDataset`` (``MXIndexedRecordIO.read_idx``, ``recordio.unpack``,
-  ``mx.image.imdecode``, then flip and float normalisation as its torchvision transform does them),
-  mxnet's engine made synchronous (``MXNET_ENGINE_TYPE=NaiveEngine``, one thread).
+  ``mx.image.imdecode``, then flip and float normalisation as its torchvision transform does them,
+  default collate), mxnet's engine made synchronous (``MXNET_ENGINE_TYPE=NaiveEngine``, one thread).
 
-Rows: decoders alone; per image in one process (= one worker core); DCQ items (1 sample + k
-references, ``PairSampler`` -> dataset -> collate, batch 128, prefetch 4, one torch thread per worker)
-with 0/1/2 DataLoader workers; bytes per batch between worker and trainer. Every configuration is timed
-once per round, rounds interleave them, the median is reported, so machine noise hits all alike.
+Rows: decoders alone; per image in one process (= one worker core: record read + decode + flip +
+tensor + into a batch of ``--batch``); DCQ items (1 sample + k references, the training feed:
+``PairSampler`` -> seeded items -> collate, batch 128, prefetch 4, one torch thread per worker) with
+0/1/2 DataLoader workers; at k = 2 and 0 workers also ``turbo-uint8`` with its items seeded by
+``torch.manual_seed`` as before, and ``turbo-uint8-planes``, which isolate what those two changes are
+worth; bytes per batch between worker and trainer. Every configuration is timed once per round,
+rounds interleave them, the median is reported, so machine noise hits all alike.
 
 mxnet 1.9.1 (the last release) needs numpy < 1.24, so it usually cannot share dcq's environment: give
 ``--mxnet-python`` a Python where ``import mxnet, torch, PIL`` works (e.g. a venv with
@@ -42,6 +49,12 @@ import torch
 
 PATHS = ("pillow-float", "turbo-uint8")  # "pillow-uint8" stands in for the second where simplejpeg is missing
 MXNET = "mxnet"
+OLD_SEEDING = "turbo-uint8+manual_seed"  # the new path with the old per-item seeding (k = 2, 0 workers)
+PLANES = "turbo-uint8-planes"  # the new path, uint8 rearranged into contiguous planes in the worker
+# path -> (decoder, normalised in the worker, pixel order kept, per-item torch.manual_seed)
+SPECS = {"pillow-float": ("pil", True, False, True), "turbo-uint8": ("turbo", False, True, False),
+         "pillow-uint8": ("pil", False, True, False), OLD_SEEDING: ("turbo", False, True, True),
+         PLANES: ("turbo", False, False, False)}
 _MX_ENV = {"MXNET_ENGINE_TYPE": "NaiveEngine", "OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1"}
 
 
@@ -86,33 +99,64 @@ class MXNetPairs(torch.utils.data.Dataset):
         return self.image(sample), torch.stack([self.image(r) for r in refs]), 0
 
 
+class PlanesTransform:
+    """TrainTransform's uint8 output rearranged into contiguous planes in the worker (``to_chw_uint8``)."""
+
+    def __init__(self, transform):
+        self.inner = transform
+
+    def __call__(self, data):
+        from dcq.data.transforms import decode_image, to_chw_uint8
+
+        img = decode_image(data, self.inner.image_size, decoder=self.inner.decoder)
+        return to_chw_uint8(img, flip=self.inner.should_flip())
+
+
 def _dataset(path: str, rec_dir: str, size: int, refs: int):
-    from dcq.data import FaceRecordIO, PairDataset, TrainTransform
+    """(the dataset the training feed indexes with (sample, references, seed), its collate_fn)."""
+    from dcq.data import FaceRecordIO
 
     ds = FaceRecordIO(os.path.join(rec_dir, "train.rec"))
-    if path == MXNET:
-        return MXNetPairs(rec_dir, len(ds))
-    decoder, normalized = {"pillow-float": ("pil", True), "turbo-uint8": ("turbo", False),
-                           "pillow-uint8": ("pil", False)}[path]
-    tf = TrainTransform(size, decoder=decoder, normalize=normalized)
-    return PairDataset(ds, tf, num_references=refs)
+    if path == MXNET:  # its interpreter may hold only mxnet, torch and Pillow
+        return MXNetPairs(rec_dir, len(ds)), None
+    from dcq.data import PairDataset, TrainTransform
+    from dcq.data.batching import collate_pairs
+    from dcq.train.feed import SeededItems
+
+    class ManualSeedItems(SeededItems):
+        """The per-item seeding before: ``torch.manual_seed``, which also queues a lazy seeding of every
+        accelerator generator with a formatted stack trace (the CPU stream is the same)."""
+
+        seed_item = staticmethod(torch.manual_seed)
+
+    decoder, normalized, pixel_order, manual_seed = SPECS[path]
+    transform = TrainTransform(size, decoder=decoder, normalize=normalized)
+    if not normalized and not pixel_order:
+        transform = PlanesTransform(transform)
+    pairs = PairDataset(ds, transform, num_references=refs)
+    return (ManualSeedItems if manual_seed else SeededItems)(pairs), (collate_pairs if pixel_order else None)
 
 
-def _single_image(path: str, rec_dir: str, size: int, n: int):
-    """() -> images/s of record read + decode + flip + tensor for the first n images, one process."""
-    data = _dataset(path, rec_dir, size, 1)
+def _single_image(path: str, rec_dir: str, size: int, n: int, batch: int):
+    """() -> images/s of record read + decode + flip + tensor + into batches of `batch`, one process."""
+    from torch.utils.data import default_collate
+
+    from dcq.data.batching import stack_images
+
+    data, collate = _dataset(path, rec_dir, size, 1)
+    stack = stack_images if collate is not None else default_collate
     if path == MXNET:
-        fn = data.image
+        image = data.image
     else:
-        source, transform = data.source, data.transform
-        fn = lambda i: transform(source.image_bytes(i))
-    for i in range(min(n, 20)):  # warm-up: open the file, load the libraries
-        fn(i)
+        source, transform = data.inner.source, data.inner.transform
+        image = lambda i: transform(source.image_bytes(i))
+    n = max(batch, n // batch * batch)
+    stack([image(i) for i in range(min(batch, 32))])  # warm-up: open the file, load the libraries
 
     def run() -> float:
         t = time.perf_counter()
-        for i in range(n):
-            fn(i)
+        for lo in range(0, n, batch):
+            stack([image(i) for i in range(lo, lo + batch)])
         return n / (time.perf_counter() - t)
 
     return run
@@ -129,7 +173,7 @@ def _loader_run(path: str, rec_dir: str, args, refs: int, workers: int):
     from dcq.data.transforms import normalize
 
     groups = FaceRecordIO(os.path.join(rec_dir, "train.rec")).groups
-    data = _dataset(path, rec_dir, args.size, refs)
+    data, collate = _dataset(path, rec_dir, args.size, refs)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     info = {}
@@ -139,9 +183,16 @@ def _loader_run(path: str, rec_dir: str, args, refs: int, workers: int):
         return normalize(x) if x.dtype == torch.uint8 else x
 
     def run() -> float:
-        sampler = PairSampler(groups, mode="identity", num_references=refs, seed=0)
+        pairs = PairSampler(groups, mode="identity", num_references=refs, seed=0)
+        if path == MXNET:
+            sampler = pairs
+        else:
+            from dcq.train.feed import PositionedSampler
+
+            sampler = PositionedSampler(pairs, 0)
         loader = DataLoader(data, batch_size=args.batch, sampler=sampler, drop_last=True, num_workers=workers,
-                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread, pin_memory=cuda)
+                            collate_fn=collate, prefetch_factor=4 if workers else None, worker_init_fn=_one_thread,
+                            pin_memory=cuda)
         it = iter(loader)
         x, r, _ = next(it)
         info["batch_bytes"] = x.nbytes + r.nbytes
@@ -206,10 +257,15 @@ def _configs(paths, rec_dir, args):
     """name -> (() -> rate, info): every configuration, built before any is timed."""
     configs = {}
     for path in paths:
-        configs[("image", path)] = (_single_image(path, rec_dir, args.size, args.images), {})
+        configs[("image", path)] = (_single_image(path, rec_dir, args.size, args.images, args.batch), {})
         for k in args.refs:
             for w in args.workers:
                 configs[("items", path, k, w)] = _loader_run(path, rec_dir, args, k, w)
+    if "turbo-uint8" in paths:
+        configs[("image", PLANES)] = (_single_image(PLANES, rec_dir, args.size, args.images, args.batch), {})
+        k, w = max(args.refs), min(args.workers)
+        for path in (OLD_SEEDING, PLANES):
+            configs[("items", path, k, w)] = _loader_run(path, rec_dir, args, k, w)
     return configs
 
 
@@ -354,11 +410,15 @@ def _report(args, stats, med, infos, paths, decoders, synth, mx_reason, mx_versi
     print(f"\ndecoder alone ({args.images} JPEGs in memory), images/s:")
     for name in decoders:
         print(f"  {name:<14s} {med[('decoder', name)]:8.0f}")
-    print("\nper image, one process (= one worker core): record read + decode + flip + tensor, images/s:")
+    print(f"\nper image, one process (= one worker core): record read + decode + flip + tensor + into a batch "
+          f"of {args.batch}, images/s:")
     base = med[("image", paths[0])]
-    for p in paths:
+    image_rows = list(paths)
+    if ("image", PLANES) in med:
+        image_rows.insert(image_rows.index("turbo-uint8"), PLANES)
+    for p in image_rows:
         v = med[("image", p)]
-        print(f"  {p:<14s} {v:8.0f}   x{v / base:.2f} of {paths[0]}")
+        print(f"  {p:<18s} {v:8.0f}   x{v / base:.2f} of {paths[0]}")
     where = "copied to and normalised on " + args.device if args.device != "cpu" else "as they leave the loader"
     print(f"\nDCQ items/s (1 sample + k references; images/s = items/s x (1 + k)), batch {args.batch}, {where}:")
     header = "  ".join(f"{w} worker{'s' if w != 1 else ' '}" for w in args.workers)
@@ -368,6 +428,13 @@ def _report(args, stats, med, infos, paths, decoders, synth, mx_reason, mx_versi
             cells = "  ".join(f"{med[('items', p, k, w)]:9.0f}" for w in args.workers)
             info = infos[("items", p, k, args.workers[0])]
             print(f"  {p:<14s} {cells}    {info['batch_bytes'] / 1e6:6.1f} MB ({info['dtype']})")
+    variants = [key for key in med if key[0] == "items" and key[1] in (OLD_SEEDING, PLANES)]
+    if variants:
+        print("\nturbo-uint8 with one part as before, DCQ items/s:")
+    for _, variant, k, w in variants:
+        new, old = med[("items", "turbo-uint8", k, w)], med[("items", variant, k, w)]
+        print(f"  k = {k}, {w} workers: {variant} {old:.0f}, turbo-uint8 {new:.0f} "
+              f"(x{new / old:.2f}; {1e6 / old - 1e6 / new:.0f} µs per item)")
     if "simplejpeg" not in decoders:
         print("\nsimplejpeg is not installed here (pip install 'dcq[fast-jpeg]'): no libjpeg-turbo rows")
     if mx_reason:
@@ -383,11 +450,12 @@ def _report(args, stats, med, infos, paths, decoders, synth, mx_reason, mx_versi
             "batch": args.batch, "batches": args.batches, "seconds": seconds, "device": args.device,
             "cpu_cores": os.cpu_count(),
             "decoder_images_per_s": {n: med[("decoder", n)] for n in decoders},
-            "image_per_s": {p: med[("image", p)] for p in paths},
+            "image_per_s": {p: med[("image", p)] for p in image_rows},
             "items_per_s": {p: {str(k): {str(w): med[("items", p, k, w)] for w in args.workers} for k in args.refs}
                             for p in paths},
             "batch_bytes": {p: {str(k): infos[("items", p, k, args.workers[0])]["batch_bytes"] for k in args.refs}
                             for p in paths},
+            "items_per_s_variants": {f"{v}_k{k}_w{w}": med[("items", v, k, w)] for _, v, k, w in variants},
             "mxnet": mx_reason or mx_version, "synth_images_per_s": synth,
             "numpy": np.__version__, "torch": torch.__version__,
         }
