@@ -174,3 +174,22 @@ def test_bf16_autocast_on_cpu(tiny_dataset, tmp_path):
     assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(losses)))
     ckpt = load_checkpoint(summary["final"])
     assert all(v.dtype != torch.bfloat16 for v in ckpt["weight_generator"].values() if v.is_floating_point())
+
+
+def test_the_trainer_is_freed_before_the_process_group(tiny_dataset, tmp_path, monkeypatch):
+    """train() frees its Trainer (and so DDP's hold on the process group) before it destroys the group,
+    with the cyclic GC off: nothing is left for the interpreter's teardown."""
+    import gc
+
+    from dcq import distributed
+
+    alive_at_cleanup = []
+    monkeypatch.setattr(distributed, "cleanup",
+                        lambda: alive_at_cleanup.append(sum(isinstance(o, Trainer) for o in gc.get_objects())))
+    gc.collect()
+    gc.disable()
+    try:
+        train(tiny_config(tiny_dataset, tmp_path / "run", max_steps=2))
+    finally:
+        gc.enable()
+    assert alive_at_cleanup == [0], "a Trainer was still alive when the process group was destroyed"
