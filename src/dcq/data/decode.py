@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dcq.errors import DcqError
 
-__all__ = ["DECODERS", "ENV_VAR", "as_rgb_array", "decode_bytes", "draft_scale", "resolve_decoder"]
+__all__ = ["DECODERS", "ENV_VAR", "as_rgb_array", "decode_bytes", "draft_scale", "resize_image", "resolve_decoder"]
 
 DECODERS = ("auto", "turbo", "pil")
 ENV_VAR = "DCQ_JPEG_DECODER"
@@ -170,3 +170,14 @@ def as_rgb_array(img: np.ndarray) -> np.ndarray:
     elif not (img.ndim == 3 and img.shape[2] == 3):
         raise DcqError(f"expected an HxWx3 image array, got shape {tuple(img.shape)}")
     return img
+
+
+def resize_image(img: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize a uint8 HxWx3 array to image_size x image_size (area when shrinking, bilinear otherwise)."""
+    h, w = img.shape[:2]
+    if h == image_size and w == image_size:
+        return img
+    pil = Image.fromarray(img)
+    shrinking = image_size < h or image_size < w
+    pil = pil.resize((image_size, image_size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
+    return np.array(pil)

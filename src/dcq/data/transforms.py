@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import get_worker_info
 
-from dcq.data.decode import as_rgb_array, decode_bytes, resolve_decoder
+from dcq.data.decode import as_rgb_array, decode_bytes, resize_image, resolve_decoder
 from dcq.errors import DcqError
 from dcq.seeds import stream_seed
 
@@ -32,17 +31,6 @@ __all__ = ["EvalTransform", "TrainTransform", "chw_view", "decode_image", "norma
            "to_chw_uint8", "to_tensor"]
 
 _BytesLike = (bytes, bytearray, memoryview)
-
-
-def resize_image(img: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize a uint8 HxWx3 array to image_size x image_size (area when shrinking, bilinear otherwise)."""
-    h, w = img.shape[:2]
-    if h == image_size and w == image_size:
-        return img
-    pil = Image.fromarray(img)
-    shrinking = image_size < h or image_size < w
-    pil = pil.resize((image_size, image_size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
-    return np.array(pil)
 
 
 def decode_image(data, image_size: int | None = None, *, where: str = "", decoder: str | None = None) -> np.ndarray:

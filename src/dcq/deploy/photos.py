@@ -3,9 +3,10 @@
 A job over a photo collection must not stop at its first broken file, so `load_crop` raises
 `BadImage` (to be listed and skipped) instead of `DcqError`. Files are decoded by
 `dcq.data.decode.decode_bytes` (libjpeg-turbo when installed, Pillow otherwise; JPEGs much larger
-than the crop shrunk while decoding), and crops given as aligned images resized as `dcq embed CKPT`
-does (box filter when shrinking, bilinear when enlarging), so the two paths embed the same pixels. Photos with landmarks
-are warped by `dcq.align` at full resolution. numpy and Pillow only.
+than the crop shrunk while decoding), and crops given as aligned images resized by the same
+`dcq.data.decode.resize_image` as `dcq embed CKPT` (box filter when shrinking, bilinear when
+enlarging), so the two paths embed the same pixels. Photos with landmarks are warped by `dcq.align`
+at full resolution. numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dcq.align import align_face
+from dcq.data.decode import decode_bytes, resize_image
 from dcq.errors import DcqError
 
 
@@ -23,25 +25,12 @@ class BadImage(Exception):
 
 
 def _decode(data: bytes, size: int | None) -> np.ndarray:
-    from dcq.data.decode import decode_bytes
 
     try:
         return decode_bytes(data, size)
     except DcqError as exc:  # its advice is for training records; keep what went wrong
         raise BadImage(str(exc).split(";")[0]) from None
 
-
-def resized(img: np.ndarray, size: int) -> np.ndarray:
-    """``img`` as uint8 (size, size, 3): box filter when shrinking, bilinear when enlarging (the rule
-    of `dcq.data.transforms.resize_image`, which cannot be imported without torch)."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    if (h, w) == (size, size):
-        return img
-    shrinking = size < h or size < w
-    pil = Image.fromarray(img)
-    return np.asarray(pil.resize((size, size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR))
 
 
 def load_crop(path: Path, size: int, landmarks: np.ndarray | None = None) -> np.ndarray:
@@ -52,7 +41,7 @@ def load_crop(path: Path, size: int, landmarks: np.ndarray | None = None) -> np.
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror or exc})") from None
     if landmarks is None:
-        return resized(_decode(data, size), size)
+        return resize_image(_decode(data, size), size)
     try:
         return align_face(_decode(data, None), landmarks, size)
     except DcqError as exc:
