@@ -184,11 +184,12 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- benchmark protocols
 # --------------------------------------------------------------------------- dcq embed
 def configure_embed(parser: argparse.ArgumentParser) -> None:
     from dcq.deploy.embed_cli import add_onnx_options
 
+    parser.usage = ("%(prog)s CKPT IMAGES... --out FILE.npy [options]\n"
+                    "       %(prog)s --onnx MODEL IMAGES... --out DIR [options]")
     _add_common(parser)
     parser.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, metavar="FILE.npy",
