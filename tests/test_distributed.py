@@ -223,7 +223,7 @@ def dcq_train(world: int, *runs: list[str]) -> None:
                            capture_output=True, text=True, timeout=TIMEOUT)
         if world > 1 and p.returncode != 0 and "terminate called without an active exception" in p.stderr:
             # KNOWN BUG (open): a rank sometimes aborts in C++ teardown after the run has finished
-            # (3 of 57 launches; 1 of 120 once train() frees its Trainer before destroying the process
+            # (3 of 57 launches; 1 of 300 once train() frees its Trainer before destroying the process
             # group); one fresh launch, never more
             p = subprocess.run([sys.executable, *argv, "--overwrite"], cwd=ROOT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
