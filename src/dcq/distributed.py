@@ -12,8 +12,11 @@ these helpers themselves; the trainer never injects anything into a head.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -45,6 +48,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
+
+
+def launched_with_ranks() -> bool:
+    """Whether this process is one of several ranks started by torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this rank at once with `code`, after flushing what it printed and logged.
+
+    The interpreter's teardown is skipped (no atexit handlers, no C++ static destructors): under
+    torchrun, a rank whose work is saved and whose process group is destroyed can still abort there,
+    in a backend thread's destructor ("terminate called without an active exception", SIGABRT), and
+    torchrun then reports the finished run as failed. Call it only once everything is written."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken stream: nothing left to save
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def setup(device: str, timeout: float = 600.0) -> DistContext:

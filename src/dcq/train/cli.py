@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -28,17 +27,18 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from dcq.distributed import CollectiveFailure
+    from dcq.distributed import CollectiveFailure, exit_process, launched_with_ranks
     from dcq.train.loop import train
 
     try:
         summary = train(cfg, resume=args.resume, log_fn=None, overwrite=args.overwrite)
     except CollectiveFailure as exc:  # a lost rank: one line, and no teardown of the broken process group
         print(f"dcq {args.command}: error: {exc}", file=sys.stderr, flush=True)
-        os._exit(2)
-    if summary["final"] is None:  # not rank 0 under torchrun: rank 0 reports
-        return 0
-    for name, m in (summary.get("metrics") or {}).items():
-        print(f"{name}: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['pairs']} pairs)")
-    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f}s; model: {summary['final']}")
+        exit_process(2)
+    if summary["final"] is not None:  # rank 0 (or the only process) reports
+        for name, m in (summary.get("metrics") or {}).items():
+            print(f"{name}: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['pairs']} pairs)")
+        print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f}s; model: {summary['final']}")
+    if launched_with_ranks():  # all saved and the process group destroyed: leave before the teardown can abort
+        exit_process(0)
     return 0

@@ -267,8 +267,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log_fn=None, overwrite: b
     # Free the trainer (its DDP wrapper holds the process group) here, before the group is destroyed,
     # not whenever the cyclic GC gets to it, perhaps in interpreter teardown: torch's first import of
     # torch._dynamo (in Trainer.__init__, building the backbone on the meta device) leaves a frame
-    # cycle that holds __init__'s `self`. (Ranks that abort in C++ teardown after a finished run are
-    # rarer since, not gone: the KNOWN BUG note in tests/test_distributed.py.)
+    # cycle that holds __init__'s `self`. (`dcq train` under torchrun then skips the interpreter's
+    # teardown, where a finished rank could still abort: `distributed.exit_process`.)
     del trainer
     gc.collect()
     distributed.cleanup()
