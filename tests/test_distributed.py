@@ -111,9 +111,9 @@ for head in args["heads"]:
 if int(__import__("os").environ.get("RANK", "0")) == 0:
     torch.save(results, args["out"])
 distributed.barrier()
-# Three trainers' DDP wrappers are still alive: leave without the interpreter teardown, which can
-# abort in gloo's threads once the process group is gone.
-__import__("os")._exit(0)
+# Three trainers' DDP wrappers are still alive: leave as `dcq train` does, without the interpreter
+# teardown, which can abort in gloo's threads once the process group is gone.
+distributed.exit_process(0)
 """
 
 
@@ -224,7 +224,7 @@ def dcq_train(world: int, *runs: list[str]) -> None:
         if world > 1 and p.returncode != 0 and "terminate called without an active exception" in p.stderr:
             # A rank used to abort in C++ teardown after its run had finished (3 of 57 launches; 1 of
             # 300 once train() freed its Trainer before destroying the process group; 0 of 298 before
-            # and 0 of 444 after the next change). `dcq train` under torchrun now leaves through
+            # and 0 of 444 after exit_process came in). `dcq train` under torchrun now leaves through
             # distributed.exit_process, which skips that teardown. Kept: one fresh launch, never
             # more, in case an abort comes earlier than the exit
             p = subprocess.run([sys.executable, *argv, "--overwrite"], cwd=ROOT,

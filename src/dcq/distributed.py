@@ -50,9 +50,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def launched_with_ranks() -> bool:
-    """Whether this process is one of several ranks started by torchrun (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (its WORLD_SIZE; 1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def exit_process(code: int) -> NoReturn:
@@ -78,7 +78,7 @@ def setup(device: str, timeout: float = 600.0) -> DistContext:
     this rank is waiting in fails after at most that long (gloo usually notices a killed peer at
     once, through the closed connection).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)

@@ -27,7 +27,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from dcq.distributed import CollectiveFailure, exit_process, launched_with_ranks
+    from dcq.distributed import CollectiveFailure, exit_process, launched_world_size
     from dcq.train.loop import train
 
     try:
@@ -39,6 +39,6 @@ def run_train(args: argparse.Namespace) -> int:
         for name, m in (summary.get("metrics") or {}).items():
             print(f"{name}: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['pairs']} pairs)")
         print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f}s; model: {summary['final']}")
-    if launched_with_ranks():  # all saved and the process group destroyed: leave before the teardown can abort
+    if launched_world_size() > 1:  # all saved and the process group destroyed: leave before the teardown can abort
         exit_process(0)
     return 0
