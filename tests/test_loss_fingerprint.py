@@ -3,8 +3,12 @@
 what training computes (an RNG draw moved, a seed derived differently, a step reordered) fails here.
 
 The fixture holds the losses as `float.hex` strings. On the machine that wrote it they matched to
-the bit; elsewhere a different CPU kernel may round the last bits differently, so the test allows
-1e-5 relative (`DCQ_EXACT_FINGERPRINT=1` asks for bit-identity). Regenerate only when a change of
+the bit; elsewhere a different CPU kernel may round the last bits differently, and ten steps of
+training amplify that: on an AMD EPYC machine the unchanged code differs by 6e-8 relative at step 1
+and by 1.3e-4 at step 9 (one rounding near a tie). The test therefore allows 1e-3 relative, far
+below what a change of what training computes gives (another seed, RNG draw or step order moves
+these losses by several percent from the first steps); `DCQ_EXACT_FINGERPRINT=1` asks for
+bit-identity on the machine that recorded the fixture. Regenerate only when a change of
 the numbers is intended, and say so in the commit:
 
     PYTHONPATH=src python tests/test_loss_fingerprint.py
@@ -47,7 +51,7 @@ def test_losses_match_the_recorded_fingerprint(name, tiny_dataset, tmp_path):
     recorded = [float.fromhex(h) for h in json.loads(FIXTURE.read_text())[name]]
     losses = run_losses(tiny_dataset, tmp_path / name, RUNS[name])
     assert len(losses) == len(recorded) == STEPS
-    tolerance = 0.0 if os.environ.get("DCQ_EXACT_FINGERPRINT") else 1e-5
+    tolerance = 0.0 if os.environ.get("DCQ_EXACT_FINGERPRINT") else 1e-3
     for step, (got, want) in enumerate(zip(losses, recorded), start=1):
         assert math.isclose(got, want, rel_tol=tolerance, abs_tol=0.0), \
             f"{name} step {step}: loss {got!r}, recorded {want!r}"

@@ -59,13 +59,14 @@ class MomentumEncoder(nn.Module):
             torch._foreach_lerp_(ema_k, ema_q, 1.0 - m)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, seed: int | None = None, prepare=None) -> torch.Tensor:
         """Keys of `images`. `seed` picks the cross-rank permutation and must be equal on every rank
         (the trainer passes one derived from the config seed and the step); None draws it from
-        rank 0's global RNG."""
+        rank 0's global RNG. `prepare` maps the images to the encoder's input (uint8 -> [-1, 1]); it
+        runs after the cross-rank gather, so shuffle-BN moves uint8, a quarter of float32's bytes."""
         if self.shuffle_bn and distributed.is_distributed():
-            return self._across_ranks(images, seed)
-        return self._local(images)
+            return self._across_ranks(images, seed, prepare)
+        return self._local(images if prepare is None else prepare(images))
 
     def _local(self, images: torch.Tensor) -> torch.Tensor:
         if self.bn_splits == 1 or images.shape[0] < 2 * self.bn_splits:
@@ -76,15 +77,17 @@ class MomentumEncoder(nn.Module):
         out[perm] = shuffled
         return out
 
-    def _across_ranks(self, images: torch.Tensor, seed: int | None) -> torch.Tensor:
+    def _across_ranks(self, images: torch.Tensor, seed: int | None, prepare=None) -> torch.Tensor:
         local, rank = images.shape[0], distributed.rank()
         everything = distributed.all_gather_cat(images)  # (W * b, ...) in rank order
         if seed is None:
-            seed = distributed.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
-        perm = torch.randperm(everything.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+            seed = distributed.broadcast_object(int(torch.randint(0, 2**62, ()).item()))  # off-device: a seed
+        perm = torch.randperm(everything.shape[0],  # off-device: a host generator, the same on every rank
+                              generator=torch.Generator().manual_seed(int(seed)))
         perm = perm.to(images.device)
         mine = perm[rank * local : (rank + 1) * local]  # global positions of the items this rank encodes
-        keys = distributed.all_gather_cat(self._local(everything[mine]))  # keys[j] belongs to item perm[j]
+        mine_images = everything[mine] if prepare is None else prepare(everything[mine])
+        keys = distributed.all_gather_cat(self._local(mine_images))  # keys[j] belongs to item perm[j]
         out = torch.empty_like(keys)
         out[perm] = keys
         return out[rank * local : (rank + 1) * local]

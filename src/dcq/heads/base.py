@@ -32,12 +32,16 @@ class HeadOutput:
 
     @property
     def accuracy(self) -> float:
-        """Share of rows whose positive column wins (the head's training accuracy)."""
+        """Share of rows whose positive column wins (the head's training accuracy); reads the device."""
+        return float(self.accuracy_tensor().item())
+
+    def accuracy_tensor(self) -> torch.Tensor:
+        """The same as a 0-d float32 tensor on the logits' device: no host synchronisation."""
         if self.logits.shape[0] == 0:
-            return 0.0
+            return torch.zeros((), device=self.logits.device)
         if self.hits is not None:
-            return self.hits.float().mean().item()
-        return (self.logits.argmax(dim=1) == self.targets).float().mean().item()
+            return self.hits.float().mean()
+        return (self.logits.argmax(dim=1) == self.targets).float().mean()
 
 
 class Head(nn.Module):
@@ -64,7 +68,7 @@ class Head(nn.Module):
         """Parameters holding only this rank's rows of the class centres (empty unless sharded).
 
         Their optimiser state is sharded the same way: `gather_rows` (a collective) turns such a
-        tensor into the full N rows for a checkpoint, `local_rows` takes this rank's rows back.
+        tensor into the full N rows on rank 0's host for a checkpoint, `local_rows` takes this rank's rows back.
         """
         return []
 
@@ -76,11 +80,15 @@ class Head(nn.Module):
 
 
 def check_labels(labels: torch.Tensor, batch: int, num_classes: int | None = None) -> torch.Tensor:
+    """Shape always; values where they can be read without a device sync: labels on the host (the
+    training step checks them there, before its copy to the device) are range-checked with numpy."""
     if labels.ndim != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
     labels = labels.to(torch.long)
-    if batch and int(labels.min()) < 0:
-        raise ValueError("labels must be >= 0")
-    if num_classes is not None and batch and int(labels.max()) >= num_classes:
-        raise ValueError(f"label {int(labels.max())} out of range for a head with {num_classes} classes")
+    if batch and labels.device.type == "cpu":
+        values = labels.detach().numpy()
+        if values.min() < 0:
+            raise ValueError("labels must be >= 0")
+        if num_classes is not None and values.max() >= num_classes:
+            raise ValueError(f"label {int(values.max())} out of range for a head with {num_classes} classes")
     return labels

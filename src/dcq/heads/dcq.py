@@ -10,7 +10,9 @@ Per batch of B items (a sample image and a reference image of one identity each)
    negative logits  s * cos(q, queue[j]) for every queue slot j, set to -inf where the slot is empty
                     or holds the sample's own identity
 3. loss = cross-entropy with the positive as the target (column 0)
-4. enqueue (w, label) into the FIFO class queue, after the logits are computed.
+4. enqueue (w, label) into the FIFO class queue, after the logits are computed: in place, once the
+   backward has consumed the logits (a hook on q), or at once when no gradient is being taken, so
+   the queue is never copied (a 1M-entry queue is 2 GB).
 
 Nothing here depends on the number of identities: cost is O(B * (1 + Q + B) * d).
 
@@ -58,6 +60,7 @@ class DynamicClassQueue(Head):
         # distributed (under torchrun): every rank enqueues the weights generated on all ranks, so
         # the queues stay identical; FC and Partial FC take the same flag to shard their centres.
         self.distributed = bool(distributed)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # enqueued after the backward
 
     def class_weights(self, key: torch.Tensor) -> torch.Tensor:
         """Generated class weight per item: normalised key, or the renormalised mean of k keys."""
@@ -97,6 +100,7 @@ class DynamicClassQueue(Head):
         if key.shape[0] != embeddings.shape[0] or key.shape[-1] != self.embedding_size or key.ndim not in (2, 3):
             raise ValueError(f"key must be (B, d) or (B, k, d) matching embeddings, got {tuple(key.shape)}")
         labels = check_labels(labels, embeddings.shape[0]).to(embeddings.device)
+        self.flush()  # a batch whose backward never ran (a stopped step, a discarded graph)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             q = F.normalize(embeddings.float(), dim=1)
             w = self.class_weights(key)
@@ -116,8 +120,24 @@ class DynamicClassQueue(Head):
             targets = torch.zeros_like(labels)
             loss = F.cross_entropy(logits, targets)
 
-        self.queue.enqueue(w_all, labels_all)
+        if torch.is_grad_enabled() and q.requires_grad:
+            # The backward of `negatives` reads the queue as it is now: write the new entries once
+            # q's gradient exists, i.e. once every use of the queue in this graph has been differentiated.
+            self._pending = (w_all, labels_all)
+            q.register_hook(self._enqueue_after_backward)
+        else:
+            self.queue.enqueue(w_all, labels_all)
         return HeadOutput(loss=loss, logits=logits, targets=targets)
+
+    def _enqueue_after_backward(self, grad: torch.Tensor) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Enqueue the last batch's weights now if its backward has not done it yet."""
+        if self._pending is not None:
+            weights, labels = self._pending
+            self._pending = None
+            self.queue.enqueue(weights, labels)
 
     def metrics(self) -> dict[str, float]:
         return {"queue_fill": self.queue.fill_ratio}

@@ -50,10 +50,10 @@ class Margin:
 
     def apply(self, cos: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
         """Scaled logits with the margin applied at `cos[i, target_index[i]]` (rows with index -1 untouched)."""
-        rows = torch.nonzero(target_index >= 0, as_tuple=True)[0]
-        cols = target_index[rows]
-        out = cos.clone()
-        out[rows, cols] = self.target_logit(cos[rows, cols])
+        has = (target_index >= 0).unsqueeze(1)
+        cols = target_index.clamp_min(0).unsqueeze(1)  # rows without a target rewrite column 0 unchanged
+        target = cos.gather(1, cols)
+        out = cos.scatter(1, cols, torch.where(has, self.target_logit(target), target))  # no host sync
         return out * self.scale
 
 

@@ -30,14 +30,15 @@ class ClassQueue(nn.Module):
             raise ValueError(f"ClassQueue dim must be >= 1, got {dim}")
         self.size = int(size)
         self.dim = int(dim)
-        self.register_buffer("weights", torch.zeros(self.size, self.dim, dtype=dtype))
-        self.register_buffer("labels", torch.full((self.size,), EMPTY, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        # off-device: module state, moved to the training device with the head (.to(device))
+        self.register_buffer("weights", torch.zeros(self.size, self.dim, dtype=dtype))  # off-device: as above
+        self.register_buffer("labels", torch.full((self.size,), EMPTY, dtype=torch.long))  # off-device: as above
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # off-device: as above
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # off-device: as above
 
     @property
     def filled(self) -> int:
-        """Number of occupied slots."""
+        """Number of occupied slots (reads the device: for logging, not for the training step)."""
         return int(self.count)
 
     @property
@@ -46,11 +47,12 @@ class ClassQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, weights: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write `weights` (n, dim) and `labels` (n,) at the pointer, wrapping around the end.
+        """Write `weights` (n, dim) and `labels` (n,) at the pointer, in place, wrapping around the end.
 
-        New tensors are assigned slot by slot with index_copy_, never by modifying a tensor that
-        autograd saved: callers compute logits from `self.weights` *before* enqueueing, so the
-        buffers are replaced rather than written in place (see `_replace`).
+        Nothing is read back to the host: the slots follow from the pointer on the device. The
+        buffers are written in place, so a caller that computed logits from `self.weights` must
+        enqueue only once autograd no longer needs them (DynamicClassQueue does it after the
+        backward has consumed its logits).
         """
         weights = weights.detach()
         labels = labels.detach().to(torch.long)
@@ -63,19 +65,15 @@ class ClassQueue(nn.Module):
             return
         if n > self.size:  # only the newest `size` entries survive a FIFO of this size
             weights, labels = weights[-self.size :], labels[-self.size :]
-            start = (int(self.ptr) + n - self.size) % self.size
-            n = self.size
+            skipped = n - self.size
         else:
-            start = int(self.ptr)
-        slots = (start + torch.arange(n, device=self.labels.device)) % self.size
-        new_weights = self.weights.clone()
-        new_labels = self.labels.clone()
-        new_weights.index_copy_(0, slots, weights.to(new_weights.dtype))
-        new_labels.index_copy_(0, slots, labels.to(new_labels.device))
-        self.weights = new_weights
-        self.labels = new_labels
-        self.ptr.fill_((start + n) % self.size)
-        self.count.fill_(min(self.size, int(self.count) + n))
+            skipped = 0
+        kept = weights.shape[0]
+        slots = (self.ptr + skipped + torch.arange(kept, device=self.labels.device)) % self.size
+        self.weights.index_copy_(0, slots, weights.to(self.weights.dtype))
+        self.labels.index_copy_(0, slots, labels.to(self.labels.device))
+        self.ptr.add_(n).remainder_(self.size)
+        self.count.add_(n).clamp_(max=self.size)
 
     @torch.no_grad()
     def clear(self) -> None:

@@ -26,7 +26,7 @@ from dcq.resources import set_threads
 from dcq.seeds import stream_seed
 from dcq.train.build import build_model, resolve_queue_size
 from dcq.train.config import TrainConfig
-from dcq.train.divergence import DivergenceMonitor, TrainingDiverged, grad_norm
+from dcq.train.divergence import DivergenceMonitor, TrainingDiverged
 from dcq.train.feed import TrainingData
 from dcq.train.memory_check import check_fits
 from dcq.train.rundir import RunFiles, RunFolder, latest_checkpoint
@@ -54,6 +54,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
@@ -68,7 +70,7 @@ class Trainer:
         self.data = TrainingData.open(cfg, self.ctx.rank, self.ctx.world_size)
         n_ids = int(self.data.source.num_identities)
         queue_size = resolve_queue_size(cfg, n_ids) if cfg.head == "dcq" else None
-        check_fits(cfg, n_ids, queue_size, self.device)
+        check_fits(cfg, n_ids, queue_size, self.device, self.ctx.world_size)
         # Claim the output folder (lock, no mixing with an earlier run) before anything is written.
         self.run_folder = RunFolder(self.files.root) if self.ctx.is_main else None
         if self.run_folder is not None:
@@ -157,6 +159,12 @@ class Trainer:
         return results
 
     # -- the loop -----------------------------------------------------------------------------
+    def _save(self) -> None:
+        """A training checkpoint, once the weights the last step wrote are checked (the per-step check
+        reads them before that step's update)."""
+        self.monitor.check_weights(self.progress.step)
+        self.state.save()
+
     def _loader(self):
         return self.data.loader(self.cfg, self.progress.epoch, pin_memory=self.device.type == "cuda")
 
@@ -191,11 +199,11 @@ class Trainer:
                     evaluate = (p.step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
                     # Checkpoint first: an evaluation that fails must not lose the steps since the last one.
                     if (p.step % cfg.checkpoint_every == 0) if cfg.checkpoint_every else end_of_epoch:
-                        self.state.save()
+                        self._save()
                     if evaluate:
                         self.evaluate()
                         if self.state.saved_step == p.step and cfg.eval_bins:
-                            self.state.save()  # again, now holding this evaluation's threshold and metrics
+                            self._save()  # again, now holding this evaluation's threshold and metrics
                     if p.step >= self.total_steps or end_of_epoch:
                         break
         finally:
@@ -203,11 +211,11 @@ class Trainer:
             if self.data.bad_records:
                 log.log(f"skipped {self.data.bad_records} undecodable records")
         if self.state.saved_step != p.step:
-            self.state.save()
+            self._save()
         if self._eval_step != p.step:
             self.evaluate()
             if cfg.eval_bins:
-                self.state.save()
+                self._save()
         final = self.state.export(self.files.final)
         log.close()
         train_seconds = time.time() - started
@@ -220,25 +228,27 @@ class Trainer:
 
     def train_step(self, samples, references, labels) -> StepRecord:
         p = self.progress
-        result = self.model.step(samples, references, labels, loss_check=self._check_loss, device=self.device,
+        result = self.model.step(samples, references, labels, loss_check=self._check_step, device=self.device,
                                  key_seed=stream_seed(self.cfg.seed, p.step))
         p.step += 1
-        # fp16: the scaler skips steps with inf gradients by design; otherwise they mean divergence
-        norm = None if self.model.scaler.is_enabled() else grad_norm(self.model.feature_extractor.parameters())
-        self.monitor.check_step(p.step, norm)
-        # A rank's accuracy is over its own rows (DCQ) or the global batch (sharded heads); the mean
-        # over ranks is the global batch's either way.
-        accuracy = distributed.all_reduce_mean(torch.tensor(result.head.accuracy)).item()
-        return StepRecord(p.step, p.epoch, result.checked_loss, accuracy, result.lr)
+        loss, accuracy = result.checked
+        return StepRecord(p.step, p.epoch, loss, accuracy, result.lr)
 
-    def _check_loss(self, loss: torch.Tensor) -> float:
-        """The global batch's loss; stops before the optimiser step when it is NaN/Inf."""
-        # A rank's loss is the mean over its own rows (DCQ) or over the global batch (sharded heads),
-        # so the mean over ranks is the global loss either way, and every rank sees the same value:
-        # all ranks stop together on a non-finite loss.
-        value = distributed.all_reduce_mean(loss.float()).item()
-        self.monitor.check_loss(self.progress.step + 1, value)
-        return value
+    def _check_step(self, stats: torch.Tensor) -> tuple[float, float]:
+        """The step's one host synchronisation, before the optimiser step: the global batch's loss and
+        head accuracy, the gradient norm and the weight norm, read back together; stops the run on a
+        non-finite loss or gradient, or on weights that blew up in an earlier step."""
+        # A rank's loss and accuracy are over its own rows (DCQ) or over the global batch (sharded
+        # heads), so their mean over ranks is the global batch's either way; gradients and weights are
+        # equal on every rank. One collective of a tensor on the training device, then one read:
+        # every rank sees the same values and all ranks stop together.
+        stats = torch.cat([stats, self.monitor.weight_norm().to(stats.device).reshape(1)])
+        loss, accuracy, gradient, weights = distributed.all_reduce_mean(stats).tolist()
+        step = self.progress.step + 1
+        self.monitor.check_loss(step, loss)
+        # fp16: the scaler skips steps with inf gradients by design; otherwise they mean divergence
+        self.monitor.check_step(step, None if self.model.scaler.is_enabled() else gradient, weights)
+        return loss, accuracy
 
 
 def _yaml_dump(values: dict) -> str:
