@@ -36,12 +36,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a dcq checkpoint without executing code (`weights_only=True`); clear error otherwise."""
+    """Load a dcq checkpoint without executing code (`weights_only=True`); clear error otherwise.
+
+    On the host the file is memory-mapped: ranks resuming a sharded head each read the full N-row
+    tensors, and mapped pages are shared through the page cache instead of copied into every process."""
     path = Path(path)
     if not path.is_file():
         raise DcqError(f"checkpoint {path} does not exist; pass a .pt file written by `dcq train`")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=str(map_location) == "cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights only" in first.lower() or "weights_only" in first:

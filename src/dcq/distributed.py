@@ -82,10 +82,13 @@ def setup(device: str, timeout: float = 600.0) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        # Also for one process on cuda:N, N > 0: kernels, cuDNN/cuBLAS handles and allocations that
+        # name no device (torch.cuda.* helpers, autocast, some libraries) then go to that GPU, not to GPU 0.
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
-            torch.cuda.set_device(dev)
             # NCCL only raises on a timed-out collective with asynchronous error handling on.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         try:
@@ -140,15 +143,28 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_gather_rows(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Concatenate row blocks of different lengths (`counts[r]` rows on rank r) in rank order."""
+def gather_rows_to_main(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rank 0: the row blocks of every rank (`counts[r]` rows on rank r), concatenated in rank order
+    in host memory; other ranks: their own block, unchanged (they write nothing).
+
+    The blocks travel one at a time, point to point, and each is copied to the host as it arrives,
+    so no GPU ever holds more than its own rows and one other block: a checkpoint of 10M class
+    centres does not need the full N x d tensor on any GPU (a collective: every rank calls it)."""
     if not is_distributed():
         return tensor
-    longest = max(counts)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = all_gather_cat(padded).split(longest)
-    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+    tensor = tensor.detach().contiguous()
+    if dist.get_rank() != 0:
+        dist.send(tensor, dst=0)
+        return tensor
+    full = torch.empty((sum(counts), *tensor.shape[1:]), dtype=tensor.dtype)  # off-device: what rank 0 saves
+    full[: counts[0]] = tensor.cpu()
+    start = counts[0]
+    for src in range(1, len(counts)):
+        block = torch.empty((counts[src], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        dist.recv(block, src=src)
+        full[start : start + counts[src]] = block.cpu()
+        start += counts[src]
+    return full
 
 
 class _GatherWithGrad(torch.autograd.Function):

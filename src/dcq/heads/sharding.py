@@ -8,9 +8,10 @@ margin softmax is finished across ranks: the row maximum is all-reduced with MAX
 exponentials and the target logit with SUM (`sharded_cross_entropy`). The loss is the mean over the
 global batch, equal to a single process's loss on the whole batch.
 
-Checkpoints do not depend on the world size: `state_dict()` gathers the full N-row tensors (a
-collective: call it on every rank), `load_state_dict()` takes the full tensors and keeps this
-rank's rows.
+Checkpoints do not depend on the world size: `state_dict()` gathers the full N-row tensors to rank
+0's host memory, one rank's rows at a time (a collective: call it on every rank; the other ranks'
+state_dict keeps their own rows, and only rank 0 writes), `load_state_dict()` takes the full
+tensors and keeps this rank's rows.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ class ClassShard:
         return [b - a for a, b in (self.bounds(r) for r in range(self.world_size))]
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Full (N, ...) tensor from every rank's rows (collective when sharded)."""
+        """Full (N, ...) tensor on rank 0's host from every rank's rows (collective when sharded;
+        other ranks get their own rows back)."""
         if not self.sharded:
             return local
-        return distributed.all_gather_rows(local, self.counts())
+        return distributed.gather_rows_to_main(local, self.counts())
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (N, ...) tensor; a tensor that is already local passes."""
@@ -89,7 +91,7 @@ def init_centres(num_classes: int, dim: int, start: int, stop: int, seed: int) -
     The centres are drawn in blocks of INIT_BLOCK rows, each from its own generator seeded with
     (seed, block), so a rank draws only the blocks it overlaps and never materialises all N rows.
     """
-    out = torch.empty(stop - start, dim)
+    out = torch.empty(stop - start, dim)  # off-device: initial state, moved with the head
     first, last = start // INIT_BLOCK, (max(stop, start + 1) - 1) // INIT_BLOCK
     for block in range(first, last + 1):
         lo, hi = block * INIT_BLOCK, min(num_classes, (block + 1) * INIT_BLOCK)

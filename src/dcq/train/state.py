@@ -64,13 +64,19 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Every RNG state of `capture_rng`, from host tensors (`TrainingState.resume` loads to the host).
+
+    CUDA states are restored for the devices both machines have: a checkpoint written where more
+    GPUs were visible restores the first ones, one written with fewer restores what it holds."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 @dataclass
@@ -179,7 +185,9 @@ class TrainingState:
         if path is None:
             return []
         m = self.model
-        ckpt = load_checkpoint(path, map_location=self.ctx.device)
+        # To the host first: RNG states must stay there, and load_state_dict copies each tensor to
+        # the device of the parameter or buffer it fills (sharded heads keep only their rows).
+        ckpt = load_checkpoint(path, map_location="cpu")
         if "optimizer" not in ckpt:
             raise DcqError(f"{path} is an export without training state; resume from a step_*.pt checkpoint")
         saved = resume_check.saved_config(ckpt)
@@ -196,23 +204,23 @@ class TrainingState:
                                          for name, v in optimizer["state"].get(i, {}).items()}
             m.optimizer.load_state_dict(optimizer)
             m.scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+            m.scaler.load_state_dict(ckpt["scaler"])
+            p = self.progress
+            p.step = int(ckpt["step"])
+            p.epoch = int(ckpt["sampler"]["epoch"])
+            # A checkpoint written at another world size: ranks read interleaved shares of the epoch, so
+            # W ranks at `position` have consumed the first position * W items of the epoch.
+            saved_world = int(ckpt["sampler"].get("world_size", 1))
+            p.position = int(ckpt["sampler"]["position"]) * saved_world // self.ctx.world_size
+            restore_rng(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DcqError(f"--resume {path}: the checkpoint's state does not fit this config ({first[:160]}); "
                            "resume with the config it was written with") from None
         changes = resume_check.apply_hyperparameters(m.optimizer, m.scheduler, cfg_values, saved)
-        m.scaler.load_state_dict(ckpt["scaler"])
-        p = self.progress
-        p.step = int(ckpt["step"])
-        p.epoch = int(ckpt["sampler"]["epoch"])
-        # A checkpoint written at another world size: ranks read interleaved shares of the epoch, so
-        # W ranks at `position` have consumed the first position * W items of the epoch.
-        saved_world = int(ckpt["sampler"].get("world_size", 1))
-        p.position = int(ckpt["sampler"]["position"]) * saved_world // self.ctx.world_size
         p.best_accuracy = float(ckpt.get("best_accuracy", -1.0))
         p.threshold = ckpt.get("threshold")
         p.metrics = ckpt.get("metrics") or {}
-        restore_rng(ckpt["rng"])
         self.saved_step = p.step
         if path.parent.resolve() == self.files.root.resolve():
             self.resumed_in_place = p.step
