@@ -89,7 +89,11 @@ args = json.loads(sys.argv[1])
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 results = {}
 for head in args["heads"]:
-    cfg = build_config({**args["config"], "head": head, "batch_size": args["batch"] // world}, "test")
+    # Partial FC samples within each rank's shard (as Partial FC v2 does), so which rows one process and
+    # two ranks sample differ; with every row sampled the rest of its machinery must agree exactly
+    # (tests/test_partial_fc.py checks the sharded sampling rule itself)
+    rate = {"sample_rate": 1.0} if head == "pfc" else {}
+    cfg = build_config({**args["config"], "head": head, "batch_size": args["batch"] // world, **rate}, "test")
     t = Trainer(cfg)
     n, b, rank = t.source.num_identities, cfg.batch_size, t.ctx.rank
     data = torch.Generator().manual_seed(7)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcq import distributed
+from dcq.autocast import active_dtype
 from dcq.heads.base import Head, HeadOutput, check_labels
 from dcq.heads.sharding import ClassShard, add_state_dict_sharding, init_centres, sharded_cross_entropy
 from dcq.heads.margins import make_margin
@@ -24,13 +25,24 @@ def margin_softmax(head_margin, embeddings: torch.Tensor, weight: torch.Tensor, 
 
     `sharded`: `weight` holds this rank's share of the columns and `targets` is -1 for rows whose
     positive lives on another rank; the softmax is then completed across ranks.
+
+    Under autocast (bf16/fp16) the (B, N) product, the one large matmul, runs in the autocast dtype
+    as insightface's arcface_torch runs it; the cosines are then taken back to float32, clamped to
+    [-1, 1], and the margin and the softmax are computed in float32. Without autocast everything is
+    float32.
     """
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+    device_type = embeddings.device.type
+    amp_dtype = active_dtype(device_type)
+    with torch.autocast(device_type=device_type, enabled=False):
         # Dividing the (B, N) product by the row norms is the same as normalising the (N, d) weight
         # first, but its backward touches N norms instead of N x d elementwise normalisation terms.
         weight = weight.float()
         inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
-        cos = (F.normalize(embeddings.float(), dim=1) @ weight.t()) * inv_norm
+        unit = F.normalize(embeddings.float(), dim=1)
+        if amp_dtype is None:
+            cos = (unit @ weight.t()) * inv_norm
+        else:
+            cos = ((unit.to(amp_dtype) @ weight.to(amp_dtype).t()).float() * inv_norm).clamp(-1.0, 1.0)
         logits = head_margin.apply(cos, targets)
         if not sharded:
             return HeadOutput(loss=F.cross_entropy(logits, targets), logits=logits, targets=targets)

@@ -11,18 +11,27 @@ forward, which raises instead of silently losing the update. Rows not sampled ke
 their weight *and* their momentum, exactly like insightface's single-GPU Partial FC. The full
 matrices live in buffers `weight` (N, d) and `state_<name>` (N, d), so a checkpoint holds them.
 
+Sampling runs on the head's device (a device generator; nothing goes through the host but the
+count of distinct labels, which `torch.unique` reads as insightface's code does). The sampled rows
+are moved into the bound optimiser in the forward, so a GradScaler unscales and inf-checks their
+gradient like every other parameter's, also when a batch holds more classes than `num_sample`.
+
 With `distributed=True` (under torchrun) the centres are sharded over ranks like insightface's
 Partial FC v2: each rank holds N/W rows of `weight` and of the optimiser-state buffers, the
 embeddings and labels of the global batch are all-gathered, and the softmax is computed across
-ranks. The sampled classes are a function of the seed, the step and the global batch only: every
-rank draws the same scores for all N classes, forces the global batch's positives in, and keeps
-the chosen classes that fall in its own rows. The sampled set is therefore the same at every world
-size, and so is the loss.
+ranks. As in Partial FC v2, each rank samples within its own rows: every positive of the global
+batch that lives there, filled up to `ceil(sample_rate * rows)` with the highest-scoring other rows
+(top-k over the shard only). The scores are one uniform draw over all N classes from a generator
+that every rank holds in the same state, so a checkpoint continues exactly at any world size; one
+process is the one-shard case of the same rule, and with several ranks the sampled set differs
+from one process's in how many rows each shard contributes (its own share, not its part of one
+global top-k).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -51,44 +60,55 @@ class PartialFC(Head):
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.sample_rate = float(sample_rate)
-        self.num_sample = max(1, math.ceil(self.sample_rate * self.num_classes))
         self.margin = make_margin(margin_type, scale, margin)
         self.shard = ClassShard.for_this_rank(self.num_classes, distributed)
+        self.num_sample = max(1, math.ceil(self.sample_rate * self.shard.rows))  # of this rank's rows
         self.register_buffer("weight", init_centres(self.num_classes, self.embedding_size, self.shard.start,
                                                     self.shard.stop, seed))
         self.sub_weight = nn.Parameter(self.weight[: min(self.num_sample, self.shard.rows)].clone())
-        self.sampling_rng = torch.Generator().manual_seed(int(seed))
-        self._pending: torch.Tensor | None = None  # index whose sub_weight awaits an optimiser step
+        self._seed = int(seed)
+        self.sampling_rng = torch.Generator().manual_seed(self._seed)
+        self._pending: torch.Tensor | None = None  # local rows whose sub_weight awaits an optimiser step
         self._hooks: list = []  # step hooks of the bound optimiser
+        self._optimizer = None  # weak reference to the bound optimiser
         self._set_slot(self.sub_weight)
         self._register_state_dict_hook(_drop_sub_weight)
         self.register_load_state_dict_post_hook(_ignore_missing_sub_weight)
         add_state_dict_sharding(self, lambda name: name == "weight" or name.startswith("state_"))
 
     # -- sampling -------------------------------------------------------------------------------
-    def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted class indices to use this step (all positives + random negatives) and remapped targets.
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The sampling generator on `device` (moved there once, its state kept when it can be)."""
+        if self.sampling_rng.device != device:
+            moved = torch.Generator(device=device).manual_seed(self._seed)
+            if self.sampling_rng.device.type == device.type:
+                moved.set_state(self.sampling_rng.get_state())
+            self.sampling_rng = moved
+        return self.sampling_rng
 
-        `labels` is the global batch. Sharded: the indices are this rank's share of the sampled
-        classes, and a target is -1 where the row's class lives on another rank.
+    def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted rows of this rank's shard to use this step (its positives + random negatives) and
+        each row's target column among them (-1 where the class lives on another rank).
+
+        `labels` is the global batch, on the head's device; everything stays there.
         """
-        positives = torch.unique(labels.cpu(), sorted=True)
-        if self.num_sample >= self.num_classes:
-            index = torch.arange(self.num_classes)
+        local = self.shard.local_targets(labels)  # row in this shard, -1 elsewhere
+        positives = torch.unique(local, sorted=True)
+        if self.shard.sharded:
+            positives = positives[positives >= 0]
+        if self.num_sample >= self.shard.rows:
+            index = torch.arange(self.shard.rows, device=labels.device)
         elif positives.numel() >= self.num_sample:
             index = positives
         else:
-            score = torch.rand(self.num_classes, generator=self.sampling_rng)
+            # every rank draws the scores of all N classes (one generator state for every world size:
+            # a checkpoint resumes exactly at any world size) and ranks only its own rows
+            score = torch.rand(self.num_classes, generator=self._generator(labels.device), device=labels.device)
+            score = score[self.shard.start : self.shard.stop]
             score[positives] = 2.0  # positives always win
             index = torch.topk(score, self.num_sample).indices.sort().values
-        if self.shard.sharded:
-            index = index[(index >= self.shard.start) & (index < self.shard.stop)]
-            targets = self.shard.local_targets(labels.cpu())
-            found = targets >= 0
-            targets[found] = torch.searchsorted(index, labels.cpu()[found])
-        else:
-            targets = torch.searchsorted(index, labels.cpu())
-        return index.to(labels.device), targets.to(labels.device)
+        found = torch.searchsorted(index, local.clamp_min(0))
+        return index, torch.where(local >= 0, found, local)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, key: torch.Tensor | None = None):
@@ -97,13 +117,17 @@ class PartialFC(Head):
         if self.shard.sharded:
             embeddings, labels = gather_batch(embeddings, labels)
         index, targets = self.sample(labels)
-        rows = self.weight[index - self.shard.start]
+        rows = self.weight[index]
         if rows.shape == self.sub_weight.shape:
             with torch.no_grad():
                 self.sub_weight.copy_(rows)
         else:  # more positives than num_sample: a larger parameter for this step
             self.sub_weight = nn.Parameter(rows.clone())
-        self._pending = index - self.shard.start
+        self._pending = index
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is not None:
+            # now, not in the step: GradScaler's unscale_ and inf check must see this step's parameter
+            self._load_rows_into(optimizer)
         return margin_softmax(self.margin, embeddings, self.sub_weight, targets, sharded=self.shard.sharded)
 
     # -- optimiser plumbing ---------------------------------------------------------------------
@@ -114,8 +138,8 @@ class PartialFC(Head):
             raise ValueError("PartialFC.bind_optimizer: the optimizer does not hold this head's sub_weight")
         for handle in self._hooks:
             handle.remove()
-        self._hooks = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step(opt)),
-                       optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))]
+        self._optimizer = weakref.ref(optimizer)
+        self._hooks = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt))]
 
     @torch.no_grad()
     def _check_written_back(self) -> None:
@@ -147,7 +171,8 @@ class PartialFC(Head):
         return getattr(self, buf_name)
 
     @torch.no_grad()
-    def _before_step(self, optimizer) -> None:
+    def _load_rows_into(self, optimizer) -> None:
+        """Point `optimizer` at this step's `sub_weight` with the sampled rows of its state (momentum)."""
         if self._pending is None or not self._holds(optimizer):
             return
         for group in optimizer.param_groups:  # point the optimiser at this step's parameter
@@ -188,7 +213,14 @@ class PartialFC(Head):
         return {"generator": self.sampling_rng.get_state()}  # the key checkpoints have always used
 
     def set_extra_state(self, state) -> None:
-        self.sampling_rng.set_state(state["generator"])
+        """The generator on the head's device; a state saved on another kind of device (a CPU run
+        resumed on a GPU) cannot continue there, and the stream restarts from the seed instead."""
+        generator = torch.Generator(device=self.weight.device)
+        try:
+            generator.set_state(state["generator"])
+        except RuntimeError:
+            generator.manual_seed(self._seed)
+        self.sampling_rng = generator
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in list(state_dict):  # create the per-row optimiser-state buffers before loading
