@@ -55,10 +55,14 @@ def stack_images(images, shared: bool | None = None) -> torch.Tensor:
 
 
 def collate_pairs(batch):
-    """[(sample, references, label), ...] -> (B, 3, H, W), (B, k, 3, H, W), (B,) int64, pixel order kept."""
+    """[(sample, references, label), ...] -> (B, 3, H, W), (B, k, 3, H, W), (B,) int64, pixel order kept;
+    references None when the items carry none."""
     if not (batch and all(isinstance(item, (tuple, list)) and len(item) == 3 for item in batch)):
         return default_collate(batch)
     samples, references, labels = zip(*batch)
-    if not all(isinstance(t, torch.Tensor) for t in samples + references):
+    if all(r is None for r in references):  # a head without keys: no reference images decoded
+        references = None
+    if not all(isinstance(t, torch.Tensor) for t in samples + (references or ())):
         return default_collate(batch)
-    return stack_images(samples), stack_images(references), default_collate(list(labels))
+    return (stack_images(samples), stack_images(references) if references else None,
+            default_collate(list(labels)))

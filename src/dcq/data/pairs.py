@@ -214,7 +214,7 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, source, transform, num_references: int = 1, preload: bool = False,
-                 on_bad_record: str = "fail", progress: bool = True):
+                 on_bad_record: str = "fail", progress: bool = True, decode_references: bool = True):
         if on_bad_record not in ("fail", "skip"):
             raise DcqError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
         if num_references < 1:
@@ -222,6 +222,9 @@ class PairDataset(Dataset):
         self.source = source
         self.transform = transform
         self.num_references = int(num_references)
+        # False for heads that never use keys (FC, Partial FC): items are (sample, None, label), and
+        # the sampler's reference draws are still made, so the sample stream is the same either way
+        self.decode_references = bool(decode_references)
         self.on_bad_record = on_bad_record
         self.image_size = getattr(transform, "image_size", None)
         self._bad = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -307,6 +310,8 @@ class PairDataset(Dataset):
                 "use the same num_references for PairSampler and PairDataset"
             )
         x = self._image(sample)
+        if not self.decode_references:
+            return x, None, self.source.label(sample)
         r = stack_images([self._image(j) for j in refs], shared=False)
         return x, r, self.source.label(sample)
 

@@ -117,6 +117,8 @@ def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int
     device = ctx.device
     backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                             dropout=cfg.dropout).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)  # the weight generator copies it so
     if cfg.init_from:  # before the weight generator copies the backbone
         from dcq.convert import init_backbone
 
@@ -130,8 +132,11 @@ def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int
                         if head.needs_key else None)
     forward_model = backbone
     if ctx.distributed:
+        # gradients as views of DDP's buckets: one copy of the gradients instead of two
         forward_model = nn.parallel.DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None)
+            backbone, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if cfg.compile:
+        forward_model = torch.compile(forward_model)
     optimizer = build_optimizer(cfg, backbone, head)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch, total_steps))

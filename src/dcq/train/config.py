@@ -67,6 +67,8 @@ class TrainConfig:
     batch_size: int = 128
     grad_clip: float = 5.0  # max gradient norm; 0 disables
     amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only)
+    channels_last: bool = False  # CUDA: NHWC convolutions (the loader already delivers NHWC pixels)
+    compile: bool = False  # torch.compile the feature extractor's forward
     # data
     train_data: str = ""  # .rec file, folder with train.rec, or image-folder root
     sampling: str = "image"  # image | identity
@@ -141,7 +143,8 @@ class TrainConfig:
 
     @property
     def references(self) -> int:
-        """Reference images per item: DCQ's k; FC and Partial FC ignore keys, so they decode one."""
+        """Reference images per item the sampler draws: DCQ's k; FC and Partial FC draw one (so the
+        sample stream is the same as ever) and decode none."""
         return self.num_references if self.head == "dcq" else 1
 
     def to_dict(self) -> dict[str, Any]:

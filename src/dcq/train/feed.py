@@ -112,7 +112,8 @@ class TrainingData:
         # uint8 in the decoder's pixel order out of the workers; TrainStep normalises on the device
         transform = TrainTransform(cfg.image_size, flip=cfg.flip, normalize=False)
         self.pair_dataset = PairDataset(self.source, transform, num_references=cfg.references, preload=cfg.preload,
-                                        on_bad_record=cfg.on_bad_record, progress=progress)
+                                        on_bad_record=cfg.on_bad_record, progress=progress,
+                                        decode_references=cfg.head == "dcq")
         self.items = SeededItems(self.pair_dataset)
 
     @property
