@@ -10,7 +10,12 @@ Configurations, all built side by side and timed in interleaved repeats (median 
                 ``--queue``, prefilled; ``+ib``: the batch's own generated weights as negatives too)
                 + backward + gradient clipping + SGD step, for each recipe of ``--recipes``
                 (``k1``: the official code's; ``k2+ib``: `dcq train`'s default);
-- ``fc@N``      backbone + FullFC over N classes + backward + gradient clipping + SGD step.
+- ``fc@N``      backbone + FullFC over N classes + backward + gradient clipping + SGD step;
+- ``pfc@N``     backbone + PartialFC over N classes (``--sample-rate``, 0.1), sampled on the device.
+
+Each DCQ row is timed for every queue of ``--queue``: a count (8192) or a share of the identities
+(``10%``, the default recipe's queue_fraction). Batches are what the loader hands over: uint8 images
+in the decoder's pixel order (NHWC memory), pinned on CUDA, copied and normalised by the step.
 
 Every configuration runs `dcq.train.step.TrainStep`, the step `dcq train` runs (GradScaler and
 gradient clipping at ``--grad-clip``, 5.0 as in the default config, included).
@@ -80,10 +85,11 @@ class Options:
     queue: int
     tiny_classes: int
     device: torch.device
-    amp: str  # "none" | "bf16"
+    amp: str  # "none" | "bf16" | "fp16" (fp16 with a GradScaler, as dcq train runs it)
     channels_last: bool
     grad_clip: float
     seed: int
+    sample_rate: float = 0.1
 
 
 def parse_recipes(text: str) -> list[tuple[int, bool]]:
@@ -99,8 +105,29 @@ def parse_recipes(text: str) -> list[tuple[int, bool]]:
     return recipes
 
 
-def recipe_name(recipe: tuple[int, bool]) -> str:
-    return f"k{recipe[0]}" + ("+ib" if recipe[1] else "")
+def recipe_name(recipe: tuple) -> str:
+    """(k, in-batch[, queue]) -> 'k2+ib' or 'k2+ib q8192'."""
+    return f"k{recipe[0]}" + ("+ib" if recipe[1] else "") + (f" q{recipe[2]}" if len(recipe) > 2 else "")
+
+
+def parse_queues(text: str) -> list[str]:
+    """'8192,10%' -> ['8192', '10%']: queue lengths as counts or shares of the identities."""
+    queues = [t.strip() for t in str(text).split(",") if t.strip()]
+    for q in queues:
+        body = q[:-1] if q.endswith("%") else q
+        try:
+            ok = float(body) > 0 and (q.endswith("%") or float(body).is_integer())
+        except ValueError:
+            ok = False
+        if not ok or (q.endswith("%") and float(body) > 100):
+            raise DcqError(f"--queue: {q!r} is not a count (8192) or a share of the identities (10%)")
+    if not queues:
+        raise DcqError("--queue: give at least one queue length, e.g. 8192,10%")
+    return queues
+
+
+def queue_length(spec: str, classes: int) -> int:
+    return max(1, round(float(spec[:-1]) / 100 * classes)) if spec.endswith("%") else int(float(spec))
 
 
 class StepRunner:
@@ -108,7 +135,7 @@ class StepRunner:
 
     def __init__(self, mode: str, classes: int, opt: Options, pool, recipe: tuple[int, bool] = (1, False)):
         self.mode, self.classes, self.opt, self.pool = mode, classes, opt, pool
-        self.references, in_batch = recipe
+        self.references, in_batch = recipe[:2]
         self.recipe = recipe
         self.times: list[float] = []
         self.index = 0
@@ -120,19 +147,25 @@ class StepRunner:
             backbone = backbone.to(memory_format=torch.channels_last)
         generator = None
         if mode == "dcq":
+            queue = recipe[2] if len(recipe) > 2 else opt.queue
             generator = dcq.MomentumEncoder(backbone, momentum=0.999).to(dev)
-            head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=opt.queue,
+            head = dcq.DynamicClassQueue(embedding_size=opt.dim, queue_size=queue,
                                          in_batch_negatives=in_batch).to(dev)
             gen = torch.Generator().manual_seed(opt.seed + 1)
-            keys = nn.functional.normalize(torch.randn(opt.queue, opt.dim, generator=gen), dim=1)
-            head.queue.enqueue(keys.to(dev), torch.randint(0, classes, (opt.queue,), generator=gen).to(dev))
+            keys = nn.functional.normalize(torch.randn(queue, opt.dim, generator=gen), dim=1)
+            head.queue.enqueue(keys.to(dev), torch.randint(0, classes, (queue,), generator=gen).to(dev))
+        elif mode == "pfc":
+            with torch.device(dev):
+                head = dcq.PartialFC(opt.dim, classes, sample_rate=opt.sample_rate).to(dev)
         else:
             with torch.device(dev):
                 head = dcq.FullFC(opt.dim, classes).to(dev)
         params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
         head.bind_optimizer(optimizer)
-        self.train_step = TrainStep(backbone, head, optimizer, generator, amp=opt.amp, grad_clip=opt.grad_clip)
+        scaler = torch.amp.GradScaler("cuda", enabled=opt.amp == "fp16" and dev.type == "cuda")
+        self.train_step = TrainStep(backbone, head, optimizer, generator, amp=opt.amp, grad_clip=opt.grad_clip,
+                                    scaler=scaler)
         self.train_step.train()
         self.labels = [torch.randint(0, classes, (opt.batch,), generator=torch.Generator().manual_seed(i)).to(dev)
                        for i in range(len(pool))]
@@ -147,7 +180,8 @@ class StepRunner:
         i = self.index % len(self.pool)
         self.index += 1
         samples, references = self.pool[i]
-        self.train_step(samples, references[:, :self.references], self.labels[i])  # (B, K, 3, S, S)
+        refs = references[:, :self.references] if self.mode == "dcq" else None  # FC/PFC load none
+        self.train_step(samples, refs, self.labels[i], device=self.opt.device)  # (B, K, 3, S, S) uint8
 
     def timed_step(self) -> float:
         return timed(self.step, self.opt.device)
@@ -172,11 +206,13 @@ def _built_and_warm(mode: str, classes: int, opt: Options, pool, warmup: int, re
     return runner
 
 
-def estimated_need(mode: str, classes: int, opt: Options, param_bytes: int) -> int:
+def estimated_need(mode: str, classes: int, opt: Options, param_bytes: int, queue: int | None = None) -> int:
     """Parameter-related bytes + the head's estimate (activations are not estimated)."""
     copies = 4 if mode == "dcq" else 3  # weights, grads, momentum (+ the weight generator's copy)
     if mode == "dcq":
-        case = HeadCase("dcq", classes, queue_size=opt.queue)
+        case = HeadCase("dcq", classes, queue_size=queue or opt.queue)
+    elif mode == "pfc":
+        case = HeadCase("pfc", classes, sample_rate=opt.sample_rate)
     else:
         case = HeadCase("fc", classes)
     s, t = estimate_head_bytes(case, opt.batch, opt.dim)
@@ -194,7 +230,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="identities for the DCQ rows (only the label range changes; default: %(default)s)")
     p.add_argument("--fc-classes", default="1e5",
                    help="classes of the FC rows; 'none' for no FC (default: %(default)s)")
-    p.add_argument("--queue", type=int, default=8192, help="DCQ queue size (default: %(default)s)")
+    p.add_argument("--queue", default="8192", help="DCQ queue lengths: counts and/or shares of the identities, "
+                   "e.g. 8192,10%% (default: %(default)s)")
+    p.add_argument("--pfc-classes", default="none", help="Partial FC class counts, e.g. 1e5,1e6 (default: none)")
+    p.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC sample rate (default: %(default)s)")
     p.add_argument("--recipes", default="k1,k1+ib,k2+ib",
                    help="DCQ recipes: kK = K references per class weight, +ib = in-batch negatives "
                         "(default: %(default)s; k2+ib is dcq train's default)")
@@ -202,7 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="timed steps per configuration (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype (default: %(default)s)")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="autocast dtype; fp16 with a GradScaler, CUDA only (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="backbone in channels_last memory format")
     p.add_argument("--grad-clip", type=float, default=5.0,
                    help="max gradient norm of the backbone, as the config's grad_clip; 0 disables "
@@ -227,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DcqError(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu")
-    for name in ("batch", "dim", "queue", "repeats", "tiny_classes"):
+    if args.amp == "fp16" and args.device != "cuda":
+        raise DcqError("--amp fp16 needs --device cuda (use bf16 on the CPU)")
+    queues = parse_queues(args.queue)
+    for name in ("batch", "dim", "repeats", "tiny_classes"):
         if getattr(args, name) < 1:
             raise DcqError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.json:
@@ -242,20 +285,26 @@ def run(args: argparse.Namespace) -> int:
         dcq.models.get_backbone(args.backbone, embedding_size=args.dim, image_size=image_size)
     except ValueError as exc:
         raise DcqError(f"--backbone/--image-size: {exc}") from None
-    opt = Options(args.backbone, image_size, args.dim, args.batch, args.queue, args.tiny_classes, device,
-                  args.amp, args.channels_last, args.grad_clip, args.seed)
+    opt = Options(args.backbone, image_size, args.dim, args.batch, queue_length(queues[0], 1), args.tiny_classes,
+                  device, args.amp, args.channels_last, args.grad_clip, args.seed, args.sample_rate)
     dcq_classes = parse_counts(args.dcq_classes, "--dcq-classes")
     fc_classes = [] if str(args.fc_classes).lower() == "none" else parse_counts(args.fc_classes, "--fc-classes")
+    pfc_classes = [] if str(args.pfc_classes).lower() == "none" else parse_counts(args.pfc_classes, "--pfc-classes")
     recipes = parse_recipes(args.recipes)
-    plan = ([("backbone", args.tiny_classes, None)] + [("dcq", n, r) for n in dcq_classes for r in recipes]
-            + [("fc", n, None) for n in fc_classes])
+    plan = ([("backbone", args.tiny_classes, None)]
+            + [("dcq", n, (*r, queue_length(q, n))) for n in dcq_classes for q in queues for r in recipes]
+            + [("fc", n, None) for n in fc_classes] + [("pfc", n, None) for n in pfc_classes])
     k_max = max(k for k, _ in recipes)
 
     gen = torch.Generator().manual_seed(args.seed)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    pool = [(torch.randn(args.batch, 3, image_size, image_size, generator=gen).to(device).contiguous(memory_format=fmt),
-             torch.randn(args.batch, k_max, 3, image_size, image_size, generator=gen).to(device))
-            for _ in range(2)]
+    pin = device.type == "cuda"
+
+    def loader_batch(*shape: int) -> torch.Tensor:
+        """uint8 (..., 3, S, S) over NHWC memory, as collate_pairs hands it over (pinned on CUDA)."""
+        pixels = torch.randint(0, 256, (*shape, image_size, image_size, 3), dtype=torch.uint8, generator=gen)
+        return (pixels.pin_memory() if pin else pixels).movedim(-1, -3)
+
+    pool = [(loader_batch(args.batch), loader_batch(args.batch, k_max)) for _ in range(2)]
     param_bytes = sum(p.numel() * p.element_size() for p in dcq.models.get_backbone(
         args.backbone, embedding_size=args.dim, image_size=image_size).parameters())
 
@@ -266,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     runners: dict[tuple, StepRunner] = {}
     for key in plan:
         mode, classes, recipe = key
-        need = estimated_need(mode, classes, opt, param_bytes)
+        need = estimated_need(mode, classes, opt, param_bytes, recipe[2] if mode == "dcq" else None)
         budget = int(BUDGET_SHARE * available_memory(device))
         if device.type == "cpu" and need > budget:
             results[key] = {"error": OOM}
@@ -300,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     base = results.get(("backbone", args.tiny_classes, None), {}).get("step_ms")
     for mode, classes, recipe in plan:
         res = results[(mode, classes, recipe)]
-        row = {"mode": mode, "classes": classes, "queue_size": args.queue if mode == "dcq" else None,
+        row = {"mode": mode, "classes": classes, "queue_size": recipe[2] if mode == "dcq" else None,
                "references": recipe[0] if recipe else None, "in_batch_negatives": recipe[1] if recipe else None}
         if "error" in res:
             row.update(step_ms=None, samples_per_s=None, vs_backbone=None, resident_bytes=None,
@@ -314,11 +363,13 @@ def run(args: argparse.Namespace) -> int:
     print(format_rows(rows, args.batch))
     for row in rows:
         if row["mode"] == "dcq" and row.get("vs_backbone"):
-            print(f"DCQ {recipe_name((row['references'], row['in_batch_negatives']))} step / backbone-only step "
+            print(f"DCQ {recipe_name((row['references'], row['in_batch_negatives'], row['queue_size']))} step / "
+                  "backbone-only step "
                   f"({row['classes']:g} identities): {row['vs_backbone']:.3f}")
     config = {
         "benchmark": "train_step", "backbone": args.backbone, "image_size": image_size, "dim": args.dim,
-        "batch": args.batch, "queue": args.queue, "tiny_classes": args.tiny_classes, "repeats": args.repeats,
+        "batch": args.batch, "queue": queues, "sample_rate": args.sample_rate, "tiny_classes": args.tiny_classes,
+        "repeats": args.repeats,
         "warmup": args.warmup, "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
         "grad_clip": args.grad_clip, "threads": torch.get_num_threads(), "seed": args.seed,
         "optimizer": "SGD(lr=0.1, momentum=0.9, weight_decay=5e-4) over backbone + head parameters",
@@ -348,7 +399,7 @@ def format_rows(rows: list[dict[str, Any]], batch: int) -> str:
     for r in rows:
         name = "backbone" if r["mode"] == "backbone" else f"{r['mode']}@{r['classes']:g}"
         if r["mode"] == "dcq":
-            name += " " + recipe_name((r["references"], r["in_batch_negatives"]))
+            name += " " + recipe_name((r["references"], r["in_batch_negatives"], r["queue_size"]))
         if r.get("error"):
             lines.append([name, r["error"], "", "", "", ""])
             continue

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -185,15 +186,34 @@ def test_benchmarks_run_the_training_step():
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
 def test_gpu_script_smoke_on_cpu(tmp_path):
+    """The GPU script's CPU mode: the real commands, the step rows and the summary, with the JSON keys
+    a GPU run writes."""
     env = dict(os.environ, DCQ_GPU_SMOKE="1", DEVICE="cpu", OUT=str(tmp_path), PYTHON=sys.executable,
                OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    heads = json.loads((tmp_path / "heads_gpu.json").read_text())
-    assert heads["config"]["dtype"] == "bf16" and all(set(r) == DESIGN_KEYS for r in heads["rows"])
+                          text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    smoke = json.loads((tmp_path / "smoke.json").read_text())
+    assert smoke["ok"] and len(smoke["commands"]) == 1 + 3 * 4  # synth; train, resume, eval, export per head
+    assert {c["command"].split()[0] for c in smoke["commands"]} == {"synth", "train", "eval", "export"}
     steps = json.loads((tmp_path / "train_step_gpu.json").read_text())
-    assert [r["mode"] for r in steps["rows"]] == ["backbone"] + ["dcq"] * 6 + ["fc", "fc"]  # 2 sizes x 3 recipes
+    assert [(r["mode"], r["classes"], r["queue_size"]) for r in steps["rows"]] == [
+        ("backbone", 100, None), ("dcq", 100, 10), ("dcq", 100, 64), ("dcq", 1000, 100), ("dcq", 1000, 64),
+        ("fc", 100, None), ("pfc", 100, None), ("pfc", 1000, None)]
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert set(summary) == {"info", "seconds", "status", "smoke", "steps", "loader", "loader_vs_dcq_step"}
+    assert summary["smoke"]["ok"] and summary["status"] == 0 and summary["loader"]["dcq_k2_items_per_s"] > 0
+    assert all(s["samples_per_s"] > 0 for s in summary["steps"])
+
+
+def test_gpu_script_fits_one_device_call():
+    """Its parts' timeouts and the install add up to at most 480 s in the GPU mode (a call is 600 s)."""
+    text = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    gpu_mode = text[text.index("\nelse\n"):text.index("\nfi\n", text.index("\nelse\n"))]
+    parts = {k: int(v) for k, v in re.findall(r"\b(T_[A-Z]+)=(\d+)", gpu_mode)}
+    assert set(parts) == {"T_SMOKE", "T_STEP", "T_DATA"}
+    fixed = [int(n) for n in re.findall(r"\btimeout (\d+) ", text)]  # install, import check (x2), summary
+    assert len(fixed) == 4 and sum(parts.values()) + sum(fixed) <= 480, (parts, fixed)
 
 
 def test_time_interleaved_rotates_the_order_and_drops_a_runner_out_of_memory():
