@@ -290,11 +290,10 @@ def test_memory_check_counts_one_rank_share_of_sharded_centres():
 
     for head in ("fc", "pfc"):
         cfg = build_config({"head": head, "embedding_size": 512}, "test")
-        one, eight = (training_state_bytes(cfg, 10_000_000, None, 0, world_size=w) for w in (1, 8))
+        one, eight = (training_state_bytes(cfg, 10_000_000, 0, world_size=w) for w in (1, 8))
         assert eight * 8 == one
-    cfg = build_config({"head": "dcq", "embedding_size": 512}, "test")
-    assert training_state_bytes(cfg, 10_000_000, 8192, 0, world_size=8) == training_state_bytes(cfg, 10_000_000,
-                                                                                                  8192, 0)
+    cfg = build_config({"head": "dcq", "embedding_size": 512, "queue_size": 8192}, "test")
+    assert training_state_bytes(cfg, 10_000_000, 0, world_size=8) == training_state_bytes(cfg, 10_000_000, 0)
 
 
 def test_fc_and_partial_fc_decode_no_reference_images(tiny_dataset, tmp_path, monkeypatch):

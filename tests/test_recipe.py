@@ -18,7 +18,7 @@ import yaml
 from dcq.demo import DEMO_TRAIN, HEAD_SETTINGS
 from dcq.heads import DynamicClassQueue
 from dcq.train.config import build_config
-from dcq.train.build import IN_BATCH_MIN_BATCHES, uses_in_batch_negatives
+from dcq.heads.registry import IN_BATCH_MIN_BATCHES, uses_in_batch_negatives
 from dcq.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

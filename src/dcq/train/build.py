@@ -15,56 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dcq.errors import DcqError
-from dcq.heads import DynamicClassQueue, FullFC, PartialFC
 from dcq.heads.base import Head
+from dcq.heads.registry import head_spec
 from dcq.models import get_backbone
 from dcq.momentum import MomentumEncoder
 from dcq.train.config import TrainConfig
 from dcq.train.step import TrainStep
 
 
-def resolve_queue_size(cfg: TrainConfig, num_identities: int) -> int:
-    """DCQ's queue length: `queue_size` entries, or `queue_fraction` of the identities."""
-    size = cfg.queue_size if cfg.queue_size else max(1, round(cfg.queue_fraction * num_identities))
-    if size > num_identities:
-        raise DcqError(
-            f"queue_size={size} is larger than the number of identities ({num_identities}); "
-            "a queue holds negatives of other identities, so use at most that many (the paper uses ~10%)"
-        )
-    return size
-
-
-IN_BATCH_MIN_BATCHES = 2.0  # "auto" in-batch negatives: on when the queue holds this many global batches
-
-
-def uses_in_batch_negatives(cfg: TrainConfig, queue_size: int, world_size: int = 1) -> bool:
-    """`in_batch_negatives` as set, or for "auto": whether the queue spans at least
-    IN_BATCH_MIN_BATCHES global batches. A queue that short holds the last batch or two, as fresh
-    as the batch itself, and the batch's weights add nothing it lacks; a queue of many batches holds
-    weights from generators up to many steps old, and the batch's own weights are the freshest
-    negatives there are (docs/results.md, "One in-batch rule")."""
-    if cfg.in_batch_negatives != "auto":
-        return bool(cfg.in_batch_negatives)
-    return queue_size >= IN_BATCH_MIN_BATCHES * cfg.batch_size * world_size
-
-
 def build_head(cfg: TrainConfig, num_identities: int, distributed: bool = False, world_size: int = 1) -> Head:
-    """The configured head; `distributed`: DCQ all-gathers its enqueued keys so every rank holds the
-    same queue, FC and Partial FC shard their class centres over the ranks."""
-    if cfg.head == "dcq":
-        queue_size = resolve_queue_size(cfg, num_identities)
-        return DynamicClassQueue(
-            embedding_size=cfg.embedding_size, queue_size=queue_size,
-            scale=cfg.scale, margin=cfg.margin, margin_type=cfg.margin_type,
-            in_batch_negatives=uses_in_batch_negatives(cfg, queue_size, world_size), dedup=cfg.dedup,
-            distributed=distributed,
-        )
-    if cfg.head == "fc":
-        return FullFC(cfg.embedding_size, num_identities, scale=cfg.scale, margin=cfg.margin,
-                      margin_type=cfg.margin_type, seed=cfg.seed, distributed=distributed)
-    return PartialFC(cfg.embedding_size, num_identities, sample_rate=cfg.sample_rate, scale=cfg.scale,
-                     margin=cfg.margin, margin_type=cfg.margin_type, seed=cfg.seed, distributed=distributed)
+    """The configured head, built by its spec (`dcq.heads.registry`); `distributed`: DCQ all-gathers
+    its enqueued keys so every rank holds the same queue, FC and Partial FC shard their class centres."""
+    return head_spec(cfg.head).build(cfg, num_identities, distributed, world_size)
 
 
 def build_optimizer(cfg: TrainConfig, backbone: nn.Module, head: Head) -> torch.optim.Optimizer:
@@ -92,8 +54,9 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: in
 
 
 @dataclass
-class Model:
-    """The trained parts of one run and what updates them."""
+class TrainingParts:
+    """What one run trains (feature extractor, weight generator, head) and what updates them
+    (optimiser, schedule, GradScaler and the `TrainStep` that runs one update)."""
 
     feature_extractor: nn.Module  # the backbone trained by SGD
     forward_model: nn.Module  # the feature extractor, wrapped in DDP when distributed
@@ -102,7 +65,7 @@ class Model:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    step: TrainStep
+    update: TrainStep  # one training step: `update(samples, references, labels)`
 
     def eval_encoder(self) -> nn.Module:
         """What evaluation embeds with: the weight generator when there is one (as DCQ evaluates)."""
@@ -110,7 +73,7 @@ class Model:
 
 
 def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int, total_steps: int,
-                resuming: bool = False, notes: list[str] | None = None) -> Model:
+                resuming: bool = False, notes: list[str] | None = None) -> TrainingParts:
     """Build every trained part on `ctx.device` (`ctx`: `dcq.distributed` context). `init_from`
     starts the backbone (and so the weight generator, its copy) from a pretrained model, unless the
     run resumes from a checkpoint, whose weights win; what happened is appended to `notes`."""
@@ -129,7 +92,7 @@ def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int
     head = build_head(cfg, num_identities, distributed=ctx.distributed, world_size=ctx.world_size).to(device)
     weight_generator = (MomentumEncoder(backbone, momentum=cfg.generator_momentum, bn_splits=cfg.bn_splits,
                                         shuffle_bn=cfg.shuffle_bn and ctx.distributed)
-                        if head.needs_key else None)
+                        if head_spec(cfg.head).needs_references else None)
     forward_model = backbone
     if ctx.distributed:
         # gradients as views of DDP's buckets: one copy of the gradients instead of two
@@ -141,6 +104,6 @@ def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and device.type == "cuda")
-    step = TrainStep(backbone, head, optimizer, weight_generator, amp=cfg.amp, grad_clip=cfg.grad_clip,
+    update = TrainStep(backbone, head, optimizer, weight_generator, amp=cfg.amp, grad_clip=cfg.grad_clip,
                      scaler=scaler, scheduler=scheduler, forward_model=forward_model)
-    return Model(backbone, forward_model, weight_generator, head, optimizer, scheduler, scaler, step)
+    return TrainingParts(backbone, forward_model, weight_generator, head, optimizer, scheduler, scaler, update)

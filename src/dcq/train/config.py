@@ -49,7 +49,7 @@ class TrainConfig:
     num_references: int = 2  # DCQ: k reference images averaged into one class weight (FC/PFC read 1)
     generator_momentum: float = 0.9  # weight generator EMA
     # DCQ: the other items' class weights of this batch are negatives too; "auto": when the queue holds
-    # at least IN_BATCH_MIN_BATCHES global batches (dcq.train.build.uses_in_batch_negatives)
+    # at least IN_BATCH_MIN_BATCHES global batches (dcq.heads.registry.uses_in_batch_negatives)
     in_batch_negatives: bool | str = "auto"
     bn_splits: int = 1  # single-process shuffle-BN groups for the weight generator
     shuffle_bn: bool = True  # under torchrun: shuffle the reference batch across ranks before BatchNorm
@@ -93,8 +93,10 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a rank waits in a collective before it gives up (lost rank)
 
     def validate(self) -> TrainConfig:
+        from dcq.heads.registry import HEADS
+
         choices = {
-            "head": ("dcq", "fc", "pfc"),
+            "head": tuple(HEADS),
             "margin_type": ("cosface", "arcface", "none"),
             "optimizer": ("sgd", "adamw"),
             "schedule": ("step", "cosine"),
@@ -145,7 +147,9 @@ class TrainConfig:
     def references(self) -> int:
         """Reference images per item the sampler draws: DCQ's k; FC and Partial FC draw one (so the
         sample stream is the same as ever) and decode none."""
-        return self.num_references if self.head == "dcq" else 1
+        from dcq.heads.registry import head_spec
+
+        return self.num_references if head_spec(self.head).needs_references else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dcq.data.batching import collate_pairs
 from dcq.data.source import FaceSource
 from dcq.errors import DcqError
+from dcq.heads.registry import head_spec
 from dcq.seeds import item_seed, stream_seed
 from dcq.train import resume_check
 from dcq.train.config import TrainConfig
@@ -93,8 +94,10 @@ class TrainingData:
         n_images, n_ids = len(source), int(source.num_identities)
         if n_images == 0 or n_ids == 0:
             raise DcqError(f"training set {cfg.train_data} is empty")
-        if cfg.head == "dcq" and n_ids < 2:
-            raise DcqError(f"training set {cfg.train_data} has {n_ids} identity; DCQ needs at least 2")
+        needed = head_spec(cfg.head).min_identities
+        if n_ids < needed:
+            raise DcqError(f"training set {cfg.train_data} has {n_ids} identity; head {cfg.head} needs at least "
+                           f"{needed}")
         pairs = PairSampler(source.groups, mode=cfg.sampling, num_references=cfg.references,
                             seed=cfg.seed, rank=rank, world_size=world_size)
         if pairs.epoch_length < cfg.batch_size:
@@ -113,7 +116,7 @@ class TrainingData:
         transform = TrainTransform(cfg.image_size, flip=cfg.flip, normalize=False)
         self.pair_dataset = PairDataset(self.source, transform, num_references=cfg.references, preload=cfg.preload,
                                         on_bad_record=cfg.on_bad_record, progress=progress,
-                                        decode_references=cfg.head == "dcq")
+                                        decode_references=head_spec(cfg.head).needs_references)
         self.items = SeededItems(self.pair_dataset)
 
     @property

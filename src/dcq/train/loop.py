@@ -24,7 +24,7 @@ from dcq import distributed
 from dcq.errors import DcqError
 from dcq.resources import set_threads
 from dcq.seeds import stream_seed
-from dcq.train.build import build_model, resolve_queue_size
+from dcq.train.build import build_model
 from dcq.train.config import TrainConfig
 from dcq.train.divergence import DivergenceMonitor, TrainingDiverged
 from dcq.train.feed import TrainingData
@@ -69,8 +69,7 @@ class Trainer:
             raise DcqError(f"--resume {resume}: checkpoint not found")
         self.data = TrainingData.open(cfg, self.ctx.rank, self.ctx.world_size)
         n_ids = int(self.data.source.num_identities)
-        queue_size = resolve_queue_size(cfg, n_ids) if cfg.head == "dcq" else None
-        check_fits(cfg, n_ids, queue_size, self.device, self.ctx.world_size)
+        check_fits(cfg, n_ids, self.device, self.ctx.world_size)
         # Claim the output folder (lock, no mixing with an earlier run) before anything is written.
         self.run_folder = RunFolder(self.files.root) if self.ctx.is_main else None
         if self.run_folder is not None:
@@ -181,7 +180,7 @@ class Trainer:
         head = self.model.head
         log.log(f"head {type(head).__name__}({head.extra_repr()})")  # e.g. what in_batch_negatives=auto chose
         started, seen, last = time.time(), 0, None
-        self.model.step.train()
+        self.model.update.train()
         try:
             while p.step < self.total_steps:
                 if p.position + cfg.batch_size > self.data.epoch_length:
@@ -228,7 +227,7 @@ class Trainer:
 
     def train_step(self, samples, references, labels) -> StepRecord:
         p = self.progress
-        result = self.model.step(samples, references, labels, loss_check=self._check_step, device=self.device,
+        result = self.model.update(samples, references, labels, loss_check=self._check_step, device=self.device,
                                  key_seed=stream_seed(self.cfg.seed, p.step))
         p.step += 1
         loss, accuracy = result.checked

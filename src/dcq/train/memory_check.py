@@ -11,21 +11,17 @@ from __future__ import annotations
 import torch
 
 from dcq.errors import DcqError
+from dcq.heads.registry import FLOAT_BYTES, head_spec, optimiser_copies
 from dcq.resources import available_memory, format_bytes
 
 
-def training_state_bytes(cfg, num_identities: int, queue_size: int | None, backbone_params: int,
-                         world_size: int = 1) -> int:
-    """Bytes one rank holds; FC and Partial FC shard their class centres (and optimiser rows) over
-    the `world_size` ranks, DCQ's queue is replicated."""
-    optimiser_copies = 2 if cfg.optimizer == "adamw" else (1 if cfg.sgd_momentum else 0)
-    per_param = 1 + 1 + optimiser_copies  # weight, gradient, optimiser state
-    backbone = backbone_params * (per_param + (1 if cfg.head == "dcq" else 0))  # + weight generator
-    if cfg.head == "dcq":
-        head = (queue_size or 0) * (cfg.embedding_size + 2)  # queue weights + int64 labels
-    else:
-        head = -(-num_identities // world_size) * cfg.embedding_size * per_param  # this rank's rows
-    return 4 * (backbone + head)
+def training_state_bytes(cfg, num_identities: int, backbone_params: int, world_size: int = 1) -> int:
+    """Bytes one rank holds: the backbone's weights, gradients and optimiser state (and the weight
+    generator's copy for heads that embed references), plus what the head's spec says its state
+    takes on one of `world_size` ranks (FC and Partial FC shard their centres, DCQ's queue is replicated)."""
+    spec = head_spec(cfg.head)
+    per_param = 2 + optimiser_copies(cfg) + (1 if spec.needs_references else 0)
+    return FLOAT_BYTES * backbone_params * per_param + spec.state_bytes(cfg, num_identities, world_size)
 
 
 def backbone_parameter_count(cfg) -> int:
@@ -37,8 +33,8 @@ def backbone_parameter_count(cfg) -> int:
     return sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
 
 
-def check_fits(cfg, num_identities: int, queue_size: int | None, device: torch.device, world_size: int = 1) -> None:
-    need = training_state_bytes(cfg, num_identities, queue_size, backbone_parameter_count(cfg), world_size)
+def check_fits(cfg, num_identities: int, device: torch.device, world_size: int = 1) -> None:
+    need = training_state_bytes(cfg, num_identities, backbone_parameter_count(cfg), world_size)
     free = available_memory(device)
     if need > free:
         raise DcqError(

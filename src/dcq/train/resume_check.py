@@ -23,9 +23,7 @@ STATE_KEYS = {
     "backbone": "the model",
     "embedding_size": "the model",
     "image_size": "the model",
-    "head": "the head",
-    "queue_size": "the head's queue",
-    "queue_fraction": "the head's queue",
+    "head": "the head",  # and the keys the head's spec names (DCQ: its queue's length)
     "optimizer": "the optimiser state",
     "sampling": "the sampler position",
     "seed": "the sampler position",
@@ -53,8 +51,11 @@ def check_compatible(where: Path, ckpt: dict[str, Any], cfg_values: dict[str, An
                      fingerprint: dict[str, Any]) -> list[str]:
     """Raise DcqError naming the first config key or dataset property that differs; returns notes
     (a training set that moved but has the same counts is accepted with a note)."""
+    from dcq.heads.registry import head_spec
+
     saved = saved_config(ckpt)
-    for key, what in STATE_KEYS.items():
+    # the head's own keys after "head" itself: a changed head is named first
+    for key, what in {**STATE_KEYS, **head_spec(cfg_values["head"]).resume_keys}.items():
         if key in saved and saved[key] != cfg_values.get(key):
             raise DcqError(f"--resume {where}: checkpoint has {key}={saved[key]!r}, config has "
                            f"{cfg_values.get(key)!r}, which changes {what}; resume with the same {key}")

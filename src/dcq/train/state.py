@@ -45,7 +45,7 @@ from dcq import distributed
 from dcq.checkpoint import load_checkpoint, save_checkpoint
 from dcq.errors import DcqError
 from dcq.train import resume_check
-from dcq.train.build import Model
+from dcq.train.build import TrainingParts
 from dcq.train.config import TrainConfig
 from dcq.train.rundir import RunFiles, latest_checkpoint, prune_checkpoints
 
@@ -94,7 +94,7 @@ class Progress:
 class TrainingState:
     """Writes and restores the checkpoints of one run (every rank calls `save`; rank 0 writes)."""
 
-    def __init__(self, cfg: TrainConfig, model: Model, ctx, files: RunFiles, dataset_fingerprint: dict,
+    def __init__(self, cfg: TrainConfig, model: TrainingParts, ctx, files: RunFiles, dataset_fingerprint: dict,
                  identity_names: list[str] | None):
         self.cfg = cfg
         self.model = model
