@@ -42,8 +42,8 @@ def configure_detect(parser: argparse.ArgumentParser) -> None:
                         "reads)")
     add_detector_options(parser)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its choice)")
-    parser.add_argument("--prepare", action="store_true", help="only export the detector's networks to ONNX in the "
-                        "cache (needs torch once; `make install` does it) and print where")
+    parser.add_argument("--prepare", action="store_true", help="export the detector's networks to ONNX in the cache "
+                        "now (needs torch, once; otherwise the first detection does it) and print where")
 
 
 def open_detector(min_face: float = MIN_FACE, threshold: float = THRESHOLDS[2], threads: int | None = None):
