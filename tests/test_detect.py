@@ -33,8 +33,10 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # the 512 x 512 photo with a one-pixel grid and the pixel values beside them (coordinates: pixel
 # centres at integers, as dcq.align uses):
 # - eyes: the centre of each pupil, the darkest disc inside the iris, the white catchlight ignored.
-#   Left pupil: columns 201-205, rows 98-101 darker than 50 of 255; right pupil: columns 245-248,
-#   rows 100-105 (the iris around it spans columns 242.5-249.5).
+#   Left: the centroid (203.1, 99.5) of the pixels darker than 50 of 255 (luma) around it, columns
+#   201-205 x rows 98-102. Right: the middle of the dark disc, columns 245-248 x rows 100-105 (there
+#   the pixels darker than 50 also take in lashes to its right, so their centroid is not used); the
+#   iris around it spans columns 242.5-249.5.
 # - nose tip: the middle of the bright tip of the nose, between the top of its highlight (row ~125,
 #   brightest 229 at rows 126-127, columns 222-223) and the shadow beneath it (rows 130.5-132), across
 #   the bright columns 220-228.
