@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# The face detector's weights (MTCNN, MIT licence) ship in this wheel: only its weight files are read,
+# never its code, so none of its dependencies (an older torch, torchvision) are installed (docs/deploy.md).
+DETECTOR_WEIGHTS := facenet-pytorch==2.6.0
 
 .PHONY: install demo test lint clean
 
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps "$(DETECTOR_WEIGHTS)"
 	touch $@
 
 demo: install

@@ -7,5 +7,9 @@
 - ``photos``: one file decoded and aligned (or resized), or the reason it cannot be embedded.
 - ``gallery`` / ``gallery_store``: enrolled embeddings, searched exactly (numpy / faiss) or
   approximately (faiss IVF, IVF-PQ, HNSW), and the one-file format they are kept in.
-- ``align_cli``, ``embed_cli``, ``gallery_cli``: `dcq align`, `dcq embed --onnx`, `dcq gallery`.
+- ``detect`` (MTCNN: faces and their 5 landmarks), ``mtcnn_nets`` (its networks in torch, for the
+  one-time ONNX export), ``mtcnn_weights`` (the shipped weights and the ONNX cache), ``orientation``
+  (EXIF orientation of photos).
+- ``align_cli``, ``detect_cli``, ``embed_cli``, ``gallery_cli``: `dcq align`, `dcq detect`,
+  `dcq embed --onnx`, `dcq gallery`.
 """

@@ -4,7 +4,9 @@ Each photo with a line in the landmark file is warped by `dcq.align.align_face` 
 template and written as a lossless PNG under DIR (the path inside its input folder, or the file
 name for a file given directly, with ``.png``), so the crops embed exactly as the on-the-fly
 alignment of ``dcq embed --onnx --landmarks``. Files without landmarks or that cannot be decoded
-are listed (and in DIR/failed.txt), not fatal. No torch.
+are listed (and in DIR/failed.txt), not fatal. Without ``--landmarks`` the faces are found by
+`dcq detect`'s detector first: one crop per face (``NAME.png`` for the largest, ``NAME#1.png``, ...
+for the others; ``--largest`` keeps one). No torch.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from dcq.errors import DcqError
 
 def configure_align(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="photo files or folders (searched recursively)")
-    parser.add_argument("--landmarks", required=True, metavar="FILE",
-                        help="'name x1 y1 ... x5 y5 [score]' lines (insightface's layout): left eye, right eye, "
-                             "nose, left and right mouth corners; name = the path as given, inside its folder, "
-                             "or the file name")
+    from dcq.deploy.detect_cli import add_detector_options
+
+    parser.add_argument("--landmarks", metavar="FILE",
+                        help="'name x1 y1 ... x5 y5 [score]' lines (insightface's layout, or `dcq detect`'s): left "
+                             "eye, right eye, nose, left and right mouth corners; name = the path as given, inside "
+                             "its folder, or the file name. Without it the faces are detected")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the aligned PNG crops")
     parser.add_argument("--size", type=int, default=112, help="crop size in pixels (default 112)")
+    add_detector_options(parser.add_argument_group("face detection (without --landmarks)"))
 
 
 def output_name(path: Path, roots: list[Path]) -> Path:
@@ -42,6 +47,7 @@ def run_align(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dcq.align import reference_points
+    from dcq.deploy.detect_cli import detected_crops, open_detector
     from dcq.deploy.embed_cli import landmark_lookup
     from dcq.deploy.photos import BadImage, load_crop
     from dcq.eval.cli import collect_images
@@ -49,6 +55,7 @@ def run_align(args: argparse.Namespace) -> int:
     reference_points(args.size)  # checks the size
     roots = [Path(p) for p in args.images]
     lookup = landmark_lookup(args.landmarks, args.images)
+    detector = None if lookup else open_detector(args.min_face, args.threshold)
     files = collect_images(args.images)
     out = Path(args.out)
     if out.is_file():
@@ -60,18 +67,22 @@ def run_align(args: argparse.Namespace) -> int:
             raise DcqError(f"{f} and {targets[name]} would both be written to {out / name}; rename one of them")
         targets[name] = f
     failed = []
+    written = 0
     for name, f in targets.items():
         try:
-            crop = load_crop(f, args.size, lookup(f))
+            crops = (detected_crops(detector, f, name, args.size, args.largest) if detector
+                     else [(name, load_crop(f, args.size, lookup(f)))])
         except BadImage as exc:
             failed.append(f"{f}\t{exc}")
             continue
-        buffer = io.BytesIO()
-        Image.fromarray(crop).save(buffer, format="PNG")
-        atomic_write(out / name, lambda fh: fh.write(buffer.getvalue()))
+        for crop_name, crop in crops:
+            buffer = io.BytesIO()
+            Image.fromarray(crop).save(buffer, format="PNG")
+            atomic_write(out / crop_name, lambda fh: fh.write(buffer.getvalue()))
+            written += 1
     if failed:
         atomic_write(out / "failed.txt", lambda fh: fh.write("".join(line + "\n" for line in failed).encode()))
-    print(f"wrote {len(targets) - len(failed)} aligned {args.size}x{args.size} crops to {out}"
+    print(f"wrote {written} aligned {args.size}x{args.size} crops to {out}"
           + (f"; {len(failed)} files skipped (listed in {out / 'failed.txt'}):" if failed else ""))
     for line in failed[:10]:
         print("  " + line.replace("\t", ": "))

@@ -21,6 +21,8 @@ def add_onnx_options(parser: argparse.ArgumentParser) -> None:
                        "continues")
     group.add_argument("--landmarks", metavar="FILE", help="with --onnx: the images are photos, aligned by the 5 "
                            "landmarks in FILE ('name x1 y1 ... x5 y5 [score]' lines)")
+    group.add_argument("--detect", action="store_true", help="with --onnx: the images are photos; find the faces "
+                       "(`dcq detect`'s detector) and align the largest of each")
     group.add_argument("--shard-size", type=int, default=65536, help="with --onnx: rows per .npy shard "
                        "(default 65536)")
     group.add_argument("--threads", type=int, default=None, help="with --onnx: onnxruntime threads "
@@ -56,6 +58,16 @@ def landmark_lookup(landmark_file, roots):
     return LandmarkLookup(read_landmarks(landmark_file), [Path(r) for r in roots])
 
 
+def detected_landmarks(landmark_file, threads: int | None = None):
+    """For ``--detect``: the path -> landmarks callable that runs the face detector, and its description."""
+    from dcq.deploy.detect_cli import DetectedLandmarks, open_detector
+
+    if landmark_file is not None:
+        raise DcqError("give either --landmarks FILE or --detect, not both")
+    lookup = DetectedLandmarks(open_detector(threads=threads))
+    return lookup, lookup.description
+
+
 def run_onnx_embed(args: argparse.Namespace) -> int:
     from dcq.deploy.embed_job import embed_collection
     from dcq.eval.cli import collect_images
@@ -70,6 +82,9 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")
     lookup = landmark_lookup(args.landmarks, inputs)
+    aligned_by = str(args.landmarks) if args.landmarks else None
+    if args.detect:
+        lookup, aligned_by = detected_landmarks(args.landmarks, args.threads)
     files = collect_images(inputs)
     embedder = open_embedder(args.onnx, args.threads, args.device)
     flip = not args.no_flip
@@ -82,7 +97,7 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
           f"{len(files)} images")
     manifest = embed_collection(embedder, files, out, batch_size=args.batch_size, flip=flip,
                                 shard_size=args.shard_size, landmarks=lookup,
-                                aligned_by=str(args.landmarks) if args.landmarks else None,
+                                aligned_by=aligned_by,
                                 progress=sys.stderr.isatty())
     failed = manifest["failed"]
     print(f"{out}: {manifest['rows']} embeddings in {len(manifest['shards'])} shards ({out / 'manifest.json'}); "

@@ -3,7 +3,7 @@
 Embeddings come from `dcq embed`: a folder written by ``dcq embed --onnx`` (its manifest gives the
 model fingerprint, and the image paths become the labels) or an ``.npy`` (rows; ``--model`` names
 the ``.onnx`` they came from, ``--labels`` a text file with one label per row). `search` also takes
-images directly with ``--onnx MODEL`` (aligned crops, or photos with ``--landmarks``). No torch.
+images directly with ``--onnx MODEL`` (aligned crops, or photos with ``--landmarks`` or ``--detect``). No torch.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def configure_gallery(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: search breadth (default: the gallery's)")
     search.add_argument("--onnx", metavar="MODEL", help="QUERIES are images: embed them with this model first")
     search.add_argument("--landmarks", metavar="FILE", help="with --onnx: align the query photos by these landmarks")
+    search.add_argument("--detect", action="store_true", help="with --onnx: the queries are photos; find the "
+                        "faces and align the largest of each")
     search.add_argument("--no-flip", action="store_true", help="with --onnx: no flip test")
     search.add_argument("--batch-size", type=int, default=64, help="with --onnx: images per batch (default 64)")
     for p in (build, add, search):
@@ -133,14 +135,18 @@ def _add(args) -> int:
 
 def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, str | None]:
     if args.onnx is None:
+        if args.detect or args.landmarks:
+            raise DcqError("--detect and --landmarks embed query photos: give the model with --onnx MODEL")
         if len(args.queries) != 1:
             raise DcqError("give one query embedding file or folder, or image files with --onnx MODEL")
         return read_embedding_input(args.queries[0], args.model)
-    from dcq.deploy.embed_cli import landmark_lookup, open_embedder
+    from dcq.deploy.embed_cli import detected_landmarks, landmark_lookup, open_embedder
     from dcq.deploy.photos import BadImage, load_crop
     from dcq.eval.cli import collect_images
 
     lookup = landmark_lookup(args.landmarks, args.queries)
+    if args.detect:
+        lookup = detected_landmarks(args.landmarks)[0]
     files = collect_images(args.queries)
     embedder = open_embedder(args.onnx)
     gallery.check_model(embedder.embedding_size, embedder.fingerprint, f"embeddings of {args.onnx}")

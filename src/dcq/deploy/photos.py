@@ -17,6 +17,7 @@ import numpy as np
 
 from dcq.align import align_face
 from dcq.data.decode import decode_bytes, resize_image
+from dcq.deploy.orientation import upright
 from dcq.errors import DcqError
 
 
@@ -33,17 +34,28 @@ def _decode(data: bytes, size: int | None) -> np.ndarray:
 
 
 
-def load_crop(path: Path, size: int, landmarks: np.ndarray | None = None) -> np.ndarray:
-    """uint8 (size, size, 3) RGB: the photo at ``path`` aligned by its 5 ``landmarks``, or, without
-    landmarks, the file taken as an aligned crop and resized. Raises `BadImage`."""
+def _read(path: Path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror or exc})") from None
+
+
+def load_photo(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB: the photo at ``path`` at full size, upright by its EXIF orientation (the
+    frame landmarks are given in). Raises `BadImage`."""
+    data = _read(path)
+    return upright(data, _decode(data, None))
+
+
+def load_crop(path: Path, size: int, landmarks: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (size, size, 3) RGB: the photo at ``path`` (upright by its EXIF orientation) aligned by
+    its 5 ``landmarks``, or, without landmarks, the file taken as an aligned crop and resized.
+    Raises `BadImage`."""
     if landmarks is None:
-        return resize_image(_decode(data, size), size)
+        return resize_image(_decode(_read(path), size), size)
     try:
-        return align_face(_decode(data, None), landmarks, size)
+        return align_face(load_photo(path), landmarks, size)
     except DcqError as exc:
         raise BadImage(str(exc)) from None
 
