@@ -28,13 +28,18 @@ def run_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from dcq.distributed import CollectiveFailure, exit_process, launched_world_size
-    from dcq.train.loop import train
+    from dcq.train.loop import TrainingStopped, train
 
     try:
         summary = train(cfg, resume=args.resume, log_fn=None, overwrite=args.overwrite)
     except CollectiveFailure as exc:  # a lost rank: one line, and no teardown of the broken process group
         print(f"dcq {args.command}: error: {exc}", file=sys.stderr, flush=True)
         exit_process(2)
+    except TrainingStopped as exc:  # pre-empted: saved; the scheduler sees the SIGTERM exit code
+        print(f"dcq {args.command}: {exc}", file=sys.stderr, flush=True)
+        if launched_world_size() > 1:
+            exit_process(exc.exit_code)
+        return exc.exit_code
     if summary["final"] is not None:  # rank 0 (or the only process) reports
         for name, m in (summary.get("metrics") or {}).items():
             print(f"{name}: accuracy {m['accuracy']:.4f} ± {m['accuracy_std']:.4f} ({m['pairs']} pairs)")

@@ -33,7 +33,13 @@ from dcq.train.rundir import RunFiles, RunFolder, latest_checkpoint
 from dcq.train.runlog import RunLog, StepRecord, on_terminal
 from dcq.train.state import TrainingState
 
-__all__ = ["Trainer", "TrainingDiverged", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "train"]
+
+
+class TrainingStopped(DcqError):
+    """SIGTERM (a cluster's pre-emption): the run saved a checkpoint at the step it reached and stopped."""
+
+    exit_code = 143  # 128 + SIGTERM, what a scheduler expects of a process it terminated
 
 
 class Trainer:
@@ -91,6 +97,8 @@ class Trainer:
         self._notes = notes
         self.eval_history: list[dict[str, Any]] = []  # {"step", "<bin>": accuracy, ...} per evaluation
         self._eval_step = -1
+        self._terminate = False  # SIGTERM seen by this rank (read with the next step's statistics)
+        self._stop = False  # some rank saw SIGTERM: every rank saves and stops after this step
         root = self.files.root  # not `self`: a closure over the trainer would keep it alive in a cycle
         self.monitor = DivergenceMonitor(self.model.feature_extractor.parameters(), root,
                                          lambda: latest_checkpoint(root) is not None)
@@ -158,6 +166,19 @@ class Trainer:
         return results
 
     # -- the loop -----------------------------------------------------------------------------
+    def _request_stop(self, signum, frame) -> None:
+        self._terminate = True
+
+    def _stop_now(self) -> None:
+        """Every rank agreed to stop after this step (SIGTERM): a checkpoint of it, then TrainingStopped."""
+        p = self.progress
+        if self.state.saved_step != p.step:
+            self._save()
+        where = self.files.checkpoint(p.step)
+        self.runlog.log(f"SIGTERM: stopped after step {p.step}; checkpoint {where}; continue with --resume")
+        raise TrainingStopped(f"stopped by SIGTERM after step {p.step}; checkpoint {where} saved: "
+                              "continue exactly with --resume")
+
     def _save(self) -> None:
         """A training checkpoint, once the weights the last step wrote are checked (the per-step check
         reads them before that step's update)."""
@@ -181,6 +202,7 @@ class Trainer:
         log.log(f"head {type(head).__name__}({head.extra_repr()})")  # e.g. what in_batch_negatives=auto chose
         started, seen, last = time.time(), 0, None
         self.model.update.train()
+        previous = _on_sigterm(self._request_stop)
         try:
             while p.step < self.total_steps:
                 if p.position + cfg.batch_size > self.data.epoch_length:
@@ -203,9 +225,12 @@ class Trainer:
                         self.evaluate()
                         if self.state.saved_step == p.step and cfg.eval_bins:
                             self._save()  # again, now holding this evaluation's threshold and metrics
+                    if self._stop:
+                        self._stop_now()
                     if p.step >= self.total_steps or end_of_epoch:
                         break
         finally:
+            _on_sigterm(previous)
             log.close_steps()
             if self.data.bad_records:
                 log.log(f"skipped {self.data.bad_records} undecodable records")
@@ -241,13 +266,29 @@ class Trainer:
         # heads), so their mean over ranks is the global batch's either way; gradients and weights are
         # equal on every rank. One collective of a tensor on the training device, then one read:
         # every rank sees the same values and all ranks stop together.
-        stats = torch.cat([stats, self.monitor.weight_norm().to(stats.device).reshape(1)])
-        loss, accuracy, gradient, weights = distributed.all_reduce_mean(stats).tolist()
+        # ...and whether any rank was sent SIGTERM, so that all ranks stop after the same step
+        stop = torch.full((1,), float(self._terminate), device=stats.device)
+        stats = torch.cat([stats, self.monitor.weight_norm().to(stats.device).reshape(1), stop])
+        loss, accuracy, gradient, weights, stop = distributed.all_reduce_mean(stats).tolist()
+        self._stop = stop > 0
         step = self.progress.step + 1
         self.monitor.check_loss(step, loss)
         # fp16: the scaler skips steps with inf gradients by design; otherwise they mean divergence
         self.monitor.check_step(step, None if self.model.scaler.is_enabled() else gradient, weights)
         return loss, accuracy
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the one it replaces (None where signals cannot be set:
+    outside the main thread)."""
+    import signal
+
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 def _yaml_dump(values: dict) -> str:
