@@ -119,7 +119,7 @@ def test_dcq_eval_megaface_end_to_end(files, capsys):
     assert r["distractors"] == [10, 100, 120] and len(r["rank1"]) == 3 and r["pairs"] == 4 * 3 * 2
     # recompute from the same embeddings with the brute-force rule
     from dcq.data.folder import ImageFolderDataset
-    from dcq.eval.embedder import open_model
+    from dcq.encoders import open_encoder as open_model
 
     model = open_model(d / "m.pt")
     probes = ImageFolderDataset(d / "mf" / "probes")

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dcq.data.synth_cli", "write a synthetic long-tailed face dataset in insightface formats"),
     "train": ("dcq.train.cli", "train a model from a YAML config (works under torchrun unchanged)"),
     "eval": ("dcq.eval.cli", "verification / identification / long-tail evaluation of a checkpoint"),
-    "embed": ("dcq.eval.cli", "embeddings of images with a checkpoint (or --onnx MODEL, without torch)"),
+    "embed": ("dcq.deploy.embed_cli", "embeddings of images with a checkpoint (or --onnx MODEL, without torch)"),
     "verify": ("dcq.eval.cli", "are two face images the same person?"),
     "export": ("dcq.export", "export a checkpoint's encoder to ONNX, checked against onnxruntime"),
     "align": ("dcq.deploy.align_cli", "aligned face crops from photos and their 5 landmarks"),

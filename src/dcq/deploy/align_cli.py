@@ -44,7 +44,7 @@ def run_align(args: argparse.Namespace) -> int:
     from dcq.align import reference_points
     from dcq.deploy.embed_cli import landmark_lookup
     from dcq.deploy.photos import BadImage, load_crop
-    from dcq.eval.cli import collect_images
+    from dcq.data.folder import collect_images
 
     reference_points(args.size)  # checks the size
     roots = [Path(p) for p in args.images]
