@@ -153,7 +153,7 @@ def test_eval_usage_errors(files, capsys, tmp_path):
 
 
 def test_eval_dataset_longtail_goes_to_its_own_file(files, capsys, tmp_path):
-    from dcq.data.synthetic import synthesize
+    from dcq.data.synth.dataset import synthesize
 
     ds = tmp_path / "ds"
     synthesize(ds, profile="mf2", identities=24, image_size=SIZE, val_pairs=20, val_identities=10, progress=False)

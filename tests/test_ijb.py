@@ -11,7 +11,7 @@ from PIL import Image
 from dcq.align import reference_points
 from dcq.checkpoint import save_checkpoint
 from dcq.cli import main
-from dcq.data.synth_protocols import _warp_into, ijb_pairs, loose_crop_geometry, synthesize_ijb
+from dcq.data.synth.protocols import _warp_into, ijb_pairs, loose_crop_geometry, synthesize_ijb
 from dcq.errors import DcqError
 from dcq.eval import ijb
 from dcq.models import get_backbone
@@ -87,9 +87,9 @@ def test_aligning_a_synthetic_crop_recovers_the_rendered_face(ijb_set):
     """The pipeline's alignment of a written crop, with its written landmarks, gives back the face
     rendered for it (re-rendered here from the same random stream); shifted landmarks do not."""
     from dcq.align import align_face
-    from dcq.data.face_identity import identity_params
-    from dcq.data.face_render import FaceRenderer
-    from dcq.data.synth_protocols import _FACE, IJB_FIRST_IDENTITY
+    from dcq.data.synth.identity import identity_params
+    from dcq.data.synth.render import FaceRenderer
+    from dcq.data.synth.protocols import _FACE, IJB_FIRST_IDENTITY
 
     meta = ijb.read_ijb_meta(ijb_set, "ijbc")
     crop = np.asarray(Image.open(ijb_set / "loose_crop" / meta.images[0]).convert("RGB"))

@@ -8,7 +8,7 @@ import torch
 
 from dcq.checkpoint import save_checkpoint
 from dcq.cli import main
-from dcq.data.synth_protocols import synthesize_megaface
+from dcq.data.synth.protocols import synthesize_megaface
 from dcq.errors import DcqError
 from dcq.eval.megaface import distractor_sizes, megaface_identification
 from dcq.models import get_backbone

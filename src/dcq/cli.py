@@ -17,7 +17,7 @@ from dcq.errors import DcqError, one_line
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dcq.demo", "synthesise a long-tailed face set, train DCQ on CPU, evaluate, write a report"),
-    "synth": ("dcq.data.synth_cli", "write a synthetic long-tailed face dataset in insightface formats"),
+    "synth": ("dcq.data.synth.cli", "write a synthetic long-tailed face dataset in insightface formats"),
     "train": ("dcq.train.cli", "train a model from a YAML config (works under torchrun unchanged)"),
     "eval": ("dcq.eval.cli", "verification / identification / long-tail evaluation of a checkpoint"),
     "embed": ("dcq.deploy.embed_cli", "embeddings of images with a checkpoint (or --onnx MODEL, without torch)"),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcq.data.profiles import bucket_name
+from dcq.data.synth.profiles import bucket_name
 from dcq.errors import DcqError
 from dcq.eval.identification import match_ranks
 from dcq.eval.verification import l2_normalise, tar_at_far_from_scores
