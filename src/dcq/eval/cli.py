@@ -50,6 +50,12 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
                        "shard folder of `dcq embed --onnx` (all read as one, in order; memory-mapped)")
     bench.add_argument("--megaface-sizes", metavar="N,N,...",
                        help="distractor-set sizes (default 10,100,... up to all of them)")
+    bench.add_argument("--megaface-index", choices=("auto", "exact", "flat", "ivf", "ivfpq", "hnsw"), default="auto",
+                       help="auto (default): sets of 100,000 distractors or more are searched through a faiss IVF "
+                       "index when faiss is installed (recall against exact search in the JSON), smaller ones "
+                       "exactly; exact: never an index; flat/ivf/ivfpq/hnsw: that index for every size")
+    bench.add_argument("--megaface-k", type=int, default=1000, metavar="K",
+                       help="with an index: distractors retrieved per probe; the CMC is reported up to rank K")
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -43,6 +43,12 @@ def check_protocol_args(args) -> None:
         raise DcqError("--megaface-distractors needs --megaface DIR (the probe set searched among them)")
     if args.ijb_unit_crops and not args.ijb:
         raise DcqError("--ijb-unit-crops needs --ijb DIR")
+    if args.megaface_k < 1:
+        raise DcqError(f"--megaface-k {args.megaface_k}: give 1 or more")
+    if args.megaface_index not in ("auto", "exact") and args.megaface:
+        from dcq.deploy.gallery import load_faiss
+
+        load_faiss(f"--megaface-index {args.megaface_index}")
     if args.megaface_sizes and not args.megaface:
         raise DcqError("--megaface-sizes needs --megaface DIR")
     if args.megaface_sizes:
@@ -103,11 +109,16 @@ def protocols(args, model) -> tuple[dict, dict]:
             check_embedded_by(model, found, "--megaface-distractors")
         emb, labels = embed_probe_folder(model, args.megaface, args.batch_size, progress)
         arrays = [part for found in args.megaface_sets for part in found.parts]
-        result = megaface_identification(emb, labels, arrays, args.megaface_sizes)
+        result = megaface_identification(emb, labels, arrays, args.megaface_sizes, index=args.megaface_index,
+                                         index_k=args.megaface_k)
         out["megaface"] = result
         print(f"\nMegaFace identification: {result['probe_images']} probe images of {result['probe_identities']} "
               f"identities, {result['pairs']} (gallery, probe) pairs")
         print(megaface_table(result))
+        for record in result["search"]:
+            if "recall_at_k" in record:
+                print(f"{record['distractors']} distractors: {record['search']} {record['params']}, recall of the "
+                      f"exact top {record['k']} = {record['recall_at_k']:.4f} ({record['recall_probes']} probes)")
     return out, curves
 
 
