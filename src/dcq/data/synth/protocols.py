@@ -27,7 +27,6 @@ written into a temporary folder inside OUT and moved into place at the end, ``st
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcq.atomic import write_json
 from dcq.errors import DcqError
 
 __all__ = ["IJB_FIRST_IDENTITY", "MEGAFACE_FIRST_IDENTITY", "synthesize_ijb", "synthesize_megaface"]
@@ -179,7 +179,7 @@ def _start(out_dir, products: tuple[str, ...]) -> tuple[Path, Path]:
 
 def _finish(tmp: Path, out_dir: Path, products: tuple[str, ...], stats: dict) -> None:
     """Move the products into place (replacing a previous run's), then stats.json, which marks completion."""
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    write_json(tmp / "stats.json", stats, indent=1)
     if (out_dir / "stats.json").exists():
         (out_dir / "stats.json").unlink()
     for name in products:
