@@ -215,7 +215,7 @@ def megaface_identification(probe_emb, probe_labels, distractors, sizes: Sequenc
         if s not in per_size:
             kind = "ivf" if index == "auto" else index
             counts, record = index_counts(probe_emb, probe_labels, arrays, s, kind, index_k)
-            per_size[s] = (counts, record["k"])
+            per_size[s] = (counts, record["k"] if record["k"] < s else None)  # k = s: every rank is known
             search.append(record)
     gal, pro = probe_pairs(np.asarray(probe_labels).reshape(-1))
     ranks = [int(k) for k in cmc_ranks if int(k) <= sizes[-1] + 1]
