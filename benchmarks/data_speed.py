@@ -325,7 +325,7 @@ def _mxnet_rounds(args, rec_dir: str) -> tuple[str | None, object]:
 
 def _synth_rate(size: int, n: int) -> float:
     """Images/s of render + JPEG encode, identities in runs as synthesize() renders them."""
-    from dcq.data.synthetic import FaceRenderer, identity_params, render_instance
+    from dcq.data.synth import FaceRenderer, identity_params, render_instance
 
     renderer = FaceRenderer(size)
     render_instance(renderer, 0, 0, 0)  # warm-up (noise/light banks)

@@ -111,7 +111,7 @@ def test_draft_scale_is_pillows_choice():
 
 @needs_turbo
 def test_synthetic_faces_decode_identically(turbo_only):
-    from dcq.data.synthetic import FaceRenderer, identity_params, render_instance
+    from dcq.data.synth import FaceRenderer, identity_params, render_instance
 
     renderer = FaceRenderer(112)
     for k in range(6):

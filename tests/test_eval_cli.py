@@ -153,7 +153,7 @@ def test_eval_usage_errors(files, capsys, tmp_path):
 
 
 def test_eval_dataset_longtail_goes_to_its_own_file(files, capsys, tmp_path):
-    from dcq.data.synthetic import synthesize
+    from dcq.data.synth.dataset import synthesize
 
     ds = tmp_path / "ds"
     synthesize(ds, profile="mf2", identities=24, image_size=SIZE, val_pairs=20, val_identities=10, progress=False)
@@ -171,6 +171,33 @@ def test_eval_dataset_longtail_goes_to_its_own_file(files, capsys, tmp_path):
     assert extra["identification"]["distractors"] == 5 and extra["identification"]["probes"] == 24
     assert "| training images / identity |" in out and "rank-1" in out
     assert (tmp_path / "p" / "longtail.png").is_file()
+
+
+def test_onnx_model_goes_through_the_same_pipeline_as_its_checkpoint(files, capsys, tmp_path):
+    """`dcq eval MODEL.onnx --dataset DIR` works, and gives the checkpoint's numbers (one code path)."""
+    pytest.importorskip("onnxruntime")
+    from dcq.data.synth import synthesize
+
+    ds = tmp_path / "ds"
+    synthesize(ds, profile="mf2", identities=16, image_size=SIZE, val_pairs=20, val_identities=10, progress=False)
+    onnx_path = tmp_path / "m.onnx"
+    assert run(capsys, "export", files / "dcq.pt", "--onnx", onnx_path)[0] == 0
+    rc, _, _ = run(capsys, "embed", "--onnx", onnx_path, files / "imgs", "--out", tmp_path / "dis")
+    assert rc == 0
+    results = {}
+    for name, model in (("pt", files / "dcq.pt"), ("onnx", onnx_path)):
+        rc, out, err = run(capsys, "eval", model, "--bin", ds / "val.bin", "--dataset", ds, "--distractors",
+                           tmp_path / "dis", "--json", tmp_path / f"{name}.json", "--batch-size", 5)
+        assert rc == 0, err
+        results[name] = (json.loads((tmp_path / f"{name}.json").read_text()),
+                         json.loads((tmp_path / f"{name}.longtail.json").read_text()))
+    assert "ONNX" in out and "| training images / identity |" in out
+    (pt, pt_lt), (ox, ox_lt) = results["pt"], results["onnx"]
+    assert pt["val"]["accuracy"] == pytest.approx(ox["val"]["accuracy"], abs=1 / 20)
+    for a, b in zip(pt_lt["longtail"]["rows"], ox_lt["longtail"]["rows"]):
+        assert (a["bucket"], a["probes"]) == (b["bucket"], b["probes"])
+        assert a["rank1"] == pytest.approx(b["rank1"], abs=1 / max(1, a["probes"]))
+    assert pt_lt["identification"]["distractors"] == ox_lt["identification"]["distractors"] == 5
 
 
 def test_embed_writes_npy_and_names(files, capsys, tmp_path):

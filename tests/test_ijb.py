@@ -11,7 +11,7 @@ from PIL import Image
 from dcq.align import reference_points
 from dcq.checkpoint import save_checkpoint
 from dcq.cli import main
-from dcq.data.synth_protocols import _warp_into, ijb_pairs, loose_crop_geometry, synthesize_ijb
+from dcq.data.synth.protocols import _warp_into, ijb_pairs, loose_crop_geometry, synthesize_ijb
 from dcq.errors import DcqError
 from dcq.eval import ijb
 from dcq.models import get_backbone
@@ -87,9 +87,9 @@ def test_aligning_a_synthetic_crop_recovers_the_rendered_face(ijb_set):
     """The pipeline's alignment of a written crop, with its written landmarks, gives back the face
     rendered for it (re-rendered here from the same random stream); shifted landmarks do not."""
     from dcq.align import align_face
-    from dcq.data.face_identity import identity_params
-    from dcq.data.face_render import FaceRenderer
-    from dcq.data.synth_protocols import _FACE, IJB_FIRST_IDENTITY
+    from dcq.data.synth.identity import identity_params
+    from dcq.data.synth.render import FaceRenderer
+    from dcq.data.synth.protocols import _FACE, IJB_FIRST_IDENTITY
 
     meta = ijb.read_ijb_meta(ijb_set, "ijbc")
     crop = np.asarray(Image.open(ijb_set / "loose_crop" / meta.images[0]).convert("RGB"))
@@ -292,20 +292,87 @@ def test_embedding_order_and_batching_do_not_change_the_templates(ijb_set):
     class PixelModel:  # embedding = the aligned face's pixels, so the check needs no network
         image_size = SIZE
 
-        def embed(self, faces):
+        def embed(self, faces, normalise=True):
             x = faces.reshape(len(faces), -1).astype(np.float32)
-            return x / np.linalg.norm(x, axis=1, keepdims=True)
+            return x / np.linalg.norm(x, axis=1, keepdims=True) if normalise else x
 
     meta = ijb.read_ijb_meta(ijb_set, "ijbc")
     got = ijb.embed_templates(PixelModel(), meta, batch_size=5)
     faces = np.stack([align_face(np.asarray(Image.open(ijb_set / "loose_crop" / n).convert("RGB")), meta.landmarks[i],
                                  SIZE) for i, n in enumerate(meta.images)])
-    feats = PixelModel().embed(faces).astype(np.float64)
+    feats = PixelModel().embed(faces, normalise=False).astype(np.float64)
     for k in range(len(meta.templates)):
         rows = np.flatnonzero(meta.template_index == k)
         v = sum(np.mean([meta.faceness[i] * feats[i] for i in rows[meta.media_ids[rows] == m]], axis=0)
                 for m in np.unique(meta.media_ids[rows]))
         np.testing.assert_allclose(got[k], v / np.linalg.norm(v), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- insightface's rule, restated
+def insightface_n1d1f1_scores(ijb_root, ckpt_path, unit_crops=False):
+    """insightface's IJB 1:1 scores, restated from its protocol without dcq's pooling code.
+
+    Crop feature = f(x) + f(mirror x) of the aligned crop, raw (test mode N1; N0 normalises it);
+    times the crop's faceness score (D1); averaged over the crops of one media id inside a template;
+    summed over the template's media; the template L2-normalised in float64; a pair's score is the
+    dot product of its two templates."""
+    from dcq.align import align_face
+    from dcq.checkpoint import load_checkpoint
+
+    net = get_backbone("cpunet", embedding_size=DIM, image_size=SIZE)
+    net.load_state_dict(load_checkpoint(ckpt_path)["feature_extractor"])
+    net.eval()
+    meta_dir = ijb_root / "meta"
+    crops = [line.split() for line in (meta_dir / "ijbc_face_tid_mid.txt").read_text().splitlines() if line]
+    marks = {f[0]: f[1:] for f in (line.split() for line in
+                                   (meta_dir / "ijbc_name_5pts_score.txt").read_text().splitlines() if line)}
+    pairs = np.loadtxt(meta_dir / "ijbc_template_pair_label.txt", dtype=np.int64).reshape(-1, 3)
+    feats = {}
+    for name, _, _ in crops:
+        pts = np.asarray(marks[name][:10], float).reshape(5, 2)
+        face = align_face(np.asarray(Image.open(ijb_root / "loose_crop" / name).convert("RGB")), pts, SIZE)
+        x = torch.from_numpy(face.astype(np.float32)).permute(2, 0, 1)[None].sub(127.5).div(127.5)
+        with torch.no_grad():
+            f = (net(x) + net(torch.flip(x, dims=[3])))[0].double().numpy()
+        feats[name] = f / np.linalg.norm(f) if unit_crops else f
+    templates = {}
+    for tid in {int(c[1]) for c in crops}:
+        media = {}
+        for name, t, m in crops:
+            if int(t) == tid:
+                media.setdefault(int(m), []).append(float(marks[name][10]) * feats[name])
+        v = np.sum([np.mean(rows, axis=0) for rows in media.values()], axis=0)
+        templates[tid] = v / np.linalg.norm(v)
+    scores = np.array([float(np.dot(templates[a], templates[b])) for a, b, _ in pairs])
+    return scores, pairs[:, 2] == 1
+
+
+def test_pair_scores_equal_insightface_n1d1f1_restated(ijb_set, ckpt, tmp_path, capsys):
+    from dcq.encoders import open_encoder
+
+    want, labels = insightface_n1d1f1_scores(ijb_set, ckpt)
+    meta = ijb.read_ijb_meta(ijb_set, "ijbc")
+    model = open_encoder(ckpt, batch_size=7)
+    templates = ijb.embed_templates(model, meta, batch_size=7)
+    assert templates.dtype == np.float64
+    got = ijb.pair_scores(templates, meta.pair_index[:, 0], meta.pair_index[:, 1])
+    assert (meta.pair_labels == labels).all()
+    assert np.abs(got - want).max() <= 1e-5
+    # unit crop vectors (N0) are a different rule on this set, so the comparison above can fail
+    unit = ijb.pair_scores(ijb.embed_templates(model, meta, unit_crops=True), meta.pair_index[:, 0],
+                           meta.pair_index[:, 1])
+    assert np.abs(unit - want).max() > 1e-3
+    assert np.abs(unit - insightface_n1d1f1_scores(ijb_set, ckpt, unit_crops=True)[0]).max() <= 1e-5
+    # both TAR rules of `dcq eval --ijb` follow from the restated scores
+    out = tmp_path / "r.json"
+    assert main(["eval", str(ckpt), "--ijb", str(ijb_set), "--json", str(out)]) == 0
+    capsys.readouterr()
+    r = json.loads(out.read_text())["ijb"]["ijbc"]
+    assert r["test_mode"] == "N1D1F1"
+    points = brute_roc(want, labels)
+    for k in FAR_KEYS:
+        assert r["tar_at_far"][k] == brute_strict(want, labels, float(k))
+        assert r["tar_at_far_insightface"][k] == brute_nearest(points, float(k))
 
 
 def test_cli_errors_are_one_line(ijb_set, ckpt, tmp_path, capsys):
@@ -322,7 +389,7 @@ def test_onnx_export_gives_the_same_numbers(ijb_set, ckpt, tmp_path, capsys):
     import io
 
     from dcq.data import write_bin
-    from dcq.eval.embedder import open_model
+    from dcq.encoders import open_encoder as open_model
 
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", str(ckpt), "--onnx", str(onnx_path), "--encoder", "feature_extractor"]) == 0

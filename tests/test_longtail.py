@@ -179,7 +179,7 @@ def test_longtail_report_on_a_synthetic_dataset(tmp_path):
     import torch
 
     from dcq.data import open_dataset, read_probe_set
-    from dcq.data.synthetic import synthesize
+    from dcq.data.synth.dataset import synthesize
     from dcq.eval import embed_images, longtail_report
     from dcq.models import get_backbone
 

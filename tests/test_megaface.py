@@ -8,7 +8,7 @@ import torch
 
 from dcq.checkpoint import save_checkpoint
 from dcq.cli import main
-from dcq.data.synth_protocols import synthesize_megaface
+from dcq.data.synth.protocols import synthesize_megaface
 from dcq.errors import DcqError
 from dcq.eval.megaface import distractor_sizes, megaface_identification
 from dcq.models import get_backbone
@@ -70,6 +70,47 @@ def test_chunking_does_not_change_the_counts(monkeypatch):
     assert megaface_identification(probes, labels, distractors) == whole
 
 
+def random_unit(rng, n, d=8):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_index_search_equals_exact_counting_up_to_k():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(11)
+    labels = np.repeat(np.arange(6), [2, 3, 4, 2, 5, 3])
+    probes, distractors = random_unit(rng, len(labels)), random_unit(rng, 300)
+    exact = megaface_identification(probes, labels, distractors, index="exact")
+    flat = megaface_identification(probes, labels, distractors, index="flat", index_k=20)
+    assert exact["search"] == [{"distractors": n, "search": "exact"} for n in (10, 100, 300)]
+    assert [r["search"] for r in flat["search"]] == ["faiss flat index"] * 3
+    assert all(r["recall_at_k"] == 1.0 and r["k"] == min(20, r["distractors"]) for r in flat["search"])
+    assert flat["rank1"] == exact["rank1"]
+    for n, (a, b) in enumerate(zip(exact["cmc"], flat["cmc"])):
+        k, every = flat["search"][n]["k"], flat["search"][n]["distractors"] <= 20  # all retrieved: all ranks known
+        for rank, x, y in zip(exact["cmc_ranks"], a, b):
+            assert (y == x) if rank <= k or every else (y is None)
+    assert flat["cmc"][0] == exact["cmc"][0]  # 10 distractors, all retrieved
+
+
+def test_auto_searches_large_sets_through_an_ivf_index(monkeypatch):
+    pytest.importorskip("faiss")
+    import dcq.eval.megaface as mf
+
+    rng = np.random.default_rng(12)
+    labels = np.repeat(np.arange(8), 3)
+    probes, distractors = random_unit(rng, len(labels), 16), random_unit(rng, 4000, 16)
+    monkeypatch.setattr(mf, "INDEX_MIN_ROWS", 1000)
+    r = megaface_identification(probes, labels, distractors, sizes=[100, 1000, 4000], index_k=50)
+    assert [s["search"] for s in r["search"]] == ["exact", "faiss ivf index", "faiss ivf index"]
+    for s in r["search"][1:]:
+        assert 0.5 <= s["recall_at_k"] <= 1.0 and s["recall_probes"] == len(labels)
+        assert set(s["params"]) == {"nlist", "nprobe"}
+    exact = megaface_identification(probes, labels, distractors, sizes=[100, 1000, 4000], index="exact")
+    assert r["rank1"][0] == exact["rank1"][0]
+    assert all(abs(a - b) <= 0.25 for a, b in zip(r["rank1"], exact["rank1"]))
+
+
 def test_default_sizes_are_powers_of_ten_and_all():
     assert distractor_sizes(1000) == [10, 100, 1000]
     assert distractor_sizes(2500) == [10, 100, 1000, 2500]
@@ -119,13 +160,22 @@ def test_dcq_eval_megaface_end_to_end(files, capsys):
     assert r["distractors"] == [10, 100, 120] and len(r["rank1"]) == 3 and r["pairs"] == 4 * 3 * 2
     # recompute from the same embeddings with the brute-force rule
     from dcq.data.folder import ImageFolderDataset
-    from dcq.eval.embedder import open_model
+    from dcq.encoders import open_encoder as open_model
 
     model = open_model(d / "m.pt")
     probes = ImageFolderDataset(d / "mf" / "probes")
     emb = model.embed(np.stack([probes.image(i, SIZE) for i in range(len(probes))]))
     rank1, _ = brute_force(emb, probes.labels, np.load(d / "dist.npy"), [10, 100, 120], [1])
     np.testing.assert_allclose(r["rank1"], rank1)
+    pytest.importorskip("faiss")  # the same through an HNSW index: the JSON says so, with its recall
+    assert main(["eval", str(d / "m.pt"), "--megaface", str(d / "mf"), "--megaface-distractors",
+                 str(d / "dist.npy"), "--megaface-index", "hnsw", "--megaface-k", "5",
+                 "--json", str(d / "h.json")]) == 0
+    assert "recall of the exact top 5" in capsys.readouterr().out
+    h = json.loads((d / "h.json").read_text())["megaface"]
+    assert [s["search"] for s in h["search"]] == ["faiss hnsw index"] * 3
+    assert all(0.0 <= s["recall_at_k"] <= 1.0 and s["k"] == 5 for s in h["search"])
+    assert h["cmc"][0][h["cmc_ranks"].index(10)] is None  # beyond the 5 retrieved
 
 
 def test_megaface_option_errors(files, capsys):

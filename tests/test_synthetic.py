@@ -13,9 +13,9 @@ from dcq.data import (
     read_bin,
     read_probe_set,
     synthesize,
-    synthetic,
 )
-from dcq.data.synthetic import _val_pairs, count_histogram, images_per_identity
+from dcq.data import synth as synthetic
+from dcq.data.synth.dataset import _val_pairs, count_histogram, images_per_identity
 from dcq.errors import DcqError
 
 

@@ -190,7 +190,7 @@ def test_train_step_normalises_uint8_batches_exactly_like_float_ones():
 
 
 def test_embedding_moves_uint8_and_matches_float_input_exactly():
-    from dcq.eval.embedding import _batch_tensor, embed_images
+    from dcq.encoders import _batch_tensor, embed_images
 
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, size=(6, 6, 6, 3), dtype=np.uint8)

@@ -94,3 +94,16 @@ def ensure_writable(path: str | os.PathLike) -> Path:
         with contextlib.suppress(OSError):
             folder.rmdir()
     return path
+
+
+def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> Path:
+    """``data`` as JSON (one trailing newline), written atomically; numpy scalars become plain numbers."""
+    import json
+
+    def plain(value):
+        if hasattr(value, "item"):  # numpy scalar or 0-d array
+            return value.item()
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+    text = json.dumps(data, indent=indent, default=plain) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))

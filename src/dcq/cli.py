@@ -17,10 +17,10 @@ from dcq.errors import DcqError, one_line
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dcq.demo", "synthesise a long-tailed face set, train DCQ on CPU, evaluate, write a report"),
-    "synth": ("dcq.data.synth_cli", "write a synthetic long-tailed face dataset in insightface formats"),
+    "synth": ("dcq.data.synth.cli", "write a synthetic long-tailed face dataset in insightface formats"),
     "train": ("dcq.train.cli", "train a model from a YAML config (works under torchrun unchanged)"),
-    "eval": ("dcq.eval.cli", "verification / identification / long-tail evaluation of a checkpoint"),
-    "embed": ("dcq.eval.cli", "embeddings of images with a checkpoint (or --onnx MODEL, without torch)"),
+    "eval": ("dcq.eval.cli", "verification, long tail, identification, IJB, MegaFace of a checkpoint or .onnx"),
+    "embed": ("dcq.deploy.embed_cli", "embeddings of images with a checkpoint (or --onnx MODEL, without torch)"),
     "verify": ("dcq.eval.cli", "are two face images the same person?"),
     "export": ("dcq.export", "export a checkpoint's encoder to ONNX, checked against onnxruntime"),
     "detect": ("dcq.deploy.detect_cli", "faces and their 5 landmarks in photos (MTCNN, no torch): a landmark file"),

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dcq.atomic import atomic_write
+from dcq.atomic import atomic_write, write_json
 from dcq.errors import DcqError
 
 # The demo's data and training budget: tuned so that a 2-core CPU trains to >= 90% verification
@@ -137,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> int:
     metrics["longtail"] = {name: report["rows"] for name, report in longtail.items()}
     metrics["steps"] = args.steps
     metrics["total_seconds"] = time.time() - started
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     plot_roc(curves, out / "roc.png")
     plot_longtail({k: v["rows"] for k, v in longtail.items()}, out / "longtail.png")
     table = summary_table(metrics, heads)
@@ -179,5 +179,3 @@ def _report_markdown(metrics, heads, table, longtail) -> str:
     return "\n".join(parts)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=float).encode()))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from dcq.atomic import atomic_write
+from dcq.atomic import write_json as atomic_json
 from dcq.bench.units import format_bytes
 from dcq.errors import DcqError
 from dcq.tables import text_table
@@ -94,7 +94,7 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     target = check_output_path(path)
-    atomic_write(target, lambda f: f.write((json.dumps(payload, indent=2) + "\n").encode()))
+    atomic_json(target, payload)
 
 
 def plot_title(config: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ _EXPORTS = {
     "write_bin": "dcq.data.verification_bin",
     "PairSampler": "dcq.data.pairs",
     "PairDataset": "dcq.data.pairs",
-    "synthesize": "dcq.data.synthetic",
+    "synthesize": "dcq.data.synth.dataset",
     "read_probe_set": "dcq.data.probe",
     "ProbeSet": "dcq.data.probe",
     "chw_view": "dcq.data.transforms",
@@ -85,7 +85,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from dcq.data.recordio_format import RecordReader
     from dcq.data.source import FaceSource
-    from dcq.data.synthetic import synthesize
+    from dcq.data.synth.dataset import synthesize
     from dcq.data.transforms import (
         EvalTransform,
         TrainTransform,

@@ -15,7 +15,8 @@ from dcq.data.groups import LabelGroups
 from dcq.data.source import FaceSource
 from dcq.errors import DcqError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "is_image_file", "open_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collect_images", "is_image_file", "load_image",
+           "open_dataset"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -23,6 +24,34 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 def is_image_file(name: str) -> bool:
     """An image by its extension (IMAGE_EXTENSIONS), not a hidden file."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    """Image files named directly, then those under each folder (recursive, sorted; hidden parts skipped):
+    the inputs of `dcq embed`, `dcq align` and `dcq gallery search --onnx`."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f.name)
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DcqError(f"{p}: no such image file or folder")
+    if not found:
+        raise DcqError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {' '.join(paths)}")
+    return found
+
+
+def load_image(path, image_size: int | None = None) -> np.ndarray:
+    """uint8 (S, S, 3) RGB of an image file, resized to ``image_size``; one error line when unreadable."""
+    from dcq.data.transforms import decode_image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DcqError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    return decode_image(data, image_size, where=str(path))
 
 
 class ImageFolderDataset(FaceSource):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcq.atomic import atomic_write
+from dcq.atomic import atomic_write, write_json
 
 __all__ = ["CACHE_ENV", "VERSION", "IndexCache", "user_cache_root"]
 
@@ -162,4 +162,4 @@ class IndexCache:
             specs[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "bytes": path.stat().st_size,
                            "crc32": _crc32(path)}
         meta = {"fingerprint": fp, "info": info, "arrays": specs}
-        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        write_json(meta_path, meta, indent=1)

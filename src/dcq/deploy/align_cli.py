@@ -50,7 +50,7 @@ def run_align(args: argparse.Namespace) -> int:
     from dcq.deploy.detect_cli import detected_crops, open_detector
     from dcq.deploy.embed_cli import landmark_lookup
     from dcq.deploy.photos import BadImage, load_crop
-    from dcq.eval.cli import collect_images
+    from dcq.data.folder import collect_images
 
     reference_points(args.size)  # checks the size
     roots = [Path(p) for p in args.images]

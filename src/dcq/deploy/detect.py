@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dcq.deploy.mtcnn_interface import Networks
 from dcq.errors import DcqError
 
 THRESHOLDS = (0.6, 0.7, 0.95)
@@ -53,22 +54,6 @@ class Face:
     def size(self) -> float:
         """The side of the (roughly square) box in pixels."""
         return float(math.sqrt(max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0)))
-
-
-class Networks:
-    """The three networks as ``pnet``, ``rnet``, ``onet``: float32 NCHW array -> list of output arrays."""
-
-    def _run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    def pnet(self, x):
-        return self._run("pnet", x)
-
-    def rnet(self, x):
-        return self._run("rnet", x)
-
-    def onet(self, x):
-        return self._run("onet", x)
 
 
 class OnnxNetworks(Networks):

@@ -131,7 +131,7 @@ def detect_photos(detector, files: list[Path], names: dict[Path, str], largest: 
 
 def run_detect(args: argparse.Namespace) -> int:
     from dcq.deploy.mtcnn_weights import detector_files
-    from dcq.eval.cli import collect_images
+    from dcq.data.folder import collect_images
 
     if args.prepare:
         files = detector_files()

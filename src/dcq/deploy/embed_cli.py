@@ -1,6 +1,6 @@
-"""The `--onnx` path of `dcq embed`: options and the run, with no torch import.
+"""`dcq embed`: embeddings of image files, with a checkpoint (one ``.npy``) or an ONNX model (resumable shards).
 
-`dcq.eval.cli.run_embed` hands over to `run_onnx_embed` before anything loads torch, so a machine
+`run_embed` hands an ``--onnx`` run to `run_onnx_embed` before anything loads torch, so a machine
 that only serves a model needs numpy, Pillow and onnxruntime.
 """
 
@@ -70,7 +70,7 @@ def detected_landmarks(landmark_file, threads: int | None = None):
 
 def run_onnx_embed(args: argparse.Namespace) -> int:
     from dcq.deploy.embed_job import embed_collection
-    from dcq.eval.cli import collect_images
+    from dcq.data.folder import collect_images
 
     inputs = ([args.checkpoint] if args.checkpoint else []) + list(args.images)
     if not inputs:
@@ -106,4 +106,54 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
         print(f"  {f['path']}: {f['reason']}")
     if len(failed) > 10:
         print(f"  ... {len(failed) - 10} more in {out / 'manifest.json'} ('failed')")
+    return 0
+
+
+def configure_embed(parser: argparse.ArgumentParser) -> None:
+    from dcq.encoders import add_model_options
+
+    parser.usage = ("%(prog)s CKPT IMAGES... --out FILE.npy [options]\n"
+                    "       %(prog)s --onnx MODEL IMAGES... --out DIR [options]")
+    add_model_options(parser)
+    parser.add_argument("images", nargs="*", metavar="IMAGES", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, metavar="FILE.npy",
+                        help="(N, d) float32 embeddings; image paths go to FILE.txt beside it, one per line")
+    add_onnx_options(parser)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    if args.onnx:  # before anything imports torch
+        return run_onnx_embed(args)
+    if not args.images:
+        raise DcqError("no images: dcq embed CKPT IMAGES... --out FILE.npy")
+    import numpy as np
+    from tqdm import tqdm
+
+    from dcq.atomic import atomic_write, ensure_writable
+    from dcq.data.folder import collect_images, load_image
+    from dcq.encoders import CheckpointEncoder, torch_device
+
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise DcqError(f"--out {out}: must end in .npy (names are written to {out.with_suffix('.txt').name})")
+    files = collect_images(args.images)
+    model = CheckpointEncoder(args.checkpoint, torch_device(args.device, args.batch_size), args.batch_size,
+                              flip=not args.no_flip)
+    names_path = out.with_suffix(".txt")
+    ensure_writable(out)
+    ensure_writable(names_path)
+    print(model.describe())
+    emb = None
+    with tqdm(total=len(files), desc="embedding", unit="img", dynamic_ncols=True,
+              disable=not sys.stderr.isatty()) as bar:
+        for start in range(0, len(files), args.batch_size):
+            batch = files[start:start + args.batch_size]
+            e = model.embed(np.stack([load_image(f, model.image_size) for f in batch]))
+            if emb is None:
+                emb = np.empty((len(files), e.shape[1]), dtype=np.float32)
+            emb[start:start + len(batch)] = e
+            bar.update(len(batch))
+    atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
+    atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
+    print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {names_path}")
     return 0

@@ -17,15 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dcq.atomic import atomic_write
+from dcq.atomic import atomic_write, write_json
 from dcq.errors import DcqError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-
-
-def _write_json(path: Path, data) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 def read_manifest(folder) -> dict:
@@ -47,8 +43,9 @@ def _shard_paths(folder: Path, shard: dict) -> list[str]:
     return (folder / shard["paths"]).read_text(encoding="utf-8").splitlines()
 
 
-def read_embeddings(folder, mmap: bool = True) -> tuple[np.ndarray, list[str], dict]:
-    """(N, d) embeddings of every shard in row order, the image path of each row, the manifest."""
+def read_shards(folder, mmap: bool = True) -> tuple[list[np.ndarray], list[str], dict]:
+    """The (rows, d) embeddings of every shard in row order (memory-mapped unless ``mmap=False``), the
+    image path of each row, the manifest. `dcq.deploy.embedding_set` reads every embedding set with it."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     arrays, paths = [], []
@@ -60,6 +57,12 @@ def read_embeddings(folder, mmap: bool = True) -> tuple[np.ndarray, list[str], d
             raise DcqError(f"{folder / shard['file']}: missing or unreadable shard ({exc})") from None
         if len(arrays[-1]) != shard["rows"]:
             raise DcqError(f"{folder / shard['file']}: {len(arrays[-1])} rows, the manifest says {shard['rows']}")
+    return arrays, paths, manifest
+
+
+def read_embeddings(folder, mmap: bool = True) -> tuple[np.ndarray, list[str], dict]:
+    """(N, d) embeddings of every shard in row order, the image path of each row, the manifest."""
+    arrays, paths, manifest = read_shards(folder, mmap)
     d = int(manifest["embedding_size"])
     emb = np.concatenate(arrays) if arrays else np.empty((0, d), dtype=np.float32)
     return emb, paths, manifest
@@ -133,7 +136,7 @@ def embed_collection(embedder, files: list[Path], out, *, batch_size: int = 256,
                                        "first_row": manifest["rows"]})
             manifest["rows"] += len(paths)
         manifest["failed"] += failed
-        _write_json(folder / MANIFEST, manifest)
+        write_json(folder / MANIFEST, manifest, indent=1)
         rows.clear(), paths.clear(), failed.clear()
 
     with tqdm(total=len(todo), desc="embedding", unit="img", dynamic_ncols=True, disable=not progress) as bar:
@@ -150,5 +153,5 @@ def embed_collection(embedder, files: list[Path], out, *, batch_size: int = 256,
             bar.update(1)
         commit_shard()
     if not (folder / MANIFEST).exists():  # nothing to do and nothing written yet: an empty collection
-        _write_json(folder / MANIFEST, manifest)
+        write_json(folder / MANIFEST, manifest, indent=1)
     return manifest

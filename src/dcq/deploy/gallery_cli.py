@@ -9,13 +9,12 @@ images directly with ``--onnx MODEL`` (aligned crops, or photos with ``--landmar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from dcq.atomic import atomic_write, ensure_writable
+from dcq.atomic import ensure_writable, write_json
 from dcq.errors import DcqError
 
 
@@ -80,24 +79,10 @@ def read_labels(path, rows: int) -> list[str]:
 
 def read_embedding_input(path, model=None) -> tuple[np.ndarray, list[str] | None, str | None]:
     """(embeddings, image paths or None, model fingerprint or None) of a `dcq embed` output."""
-    from dcq.deploy.metadata import fingerprint_of
+    from dcq.deploy.embedding_set import read_embedding_set
 
-    path = Path(path)
-    if path.is_dir():
-        from dcq.deploy.embed_job import read_embeddings
-
-        emb, paths, manifest = read_embeddings(path)
-        fingerprint = manifest["fingerprint"]
-        if model is not None and fingerprint_of(model) != fingerprint:
-            raise DcqError(f"--model {model} is not the model {path} was embedded with ({manifest['model']})")
-        return emb, paths, fingerprint
-    if not path.is_file():
-        raise DcqError(f"{path}: no such embedding file or folder (make one with `dcq embed`)")
-    try:
-        emb = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DcqError(f"{path}: not an .npy embedding array ({str(exc)[:120]})") from None
-    return emb, None, fingerprint_of(model) if model is not None else None
+    found = read_embedding_set(path, model, check_finite=False)  # the gallery refuses bad rows itself
+    return found.array(), found.names, found.fingerprint
 
 
 def _build(args) -> int:
@@ -142,7 +127,7 @@ def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, str | None]:
         return read_embedding_input(args.queries[0], args.model)
     from dcq.deploy.embed_cli import detected_landmarks, landmark_lookup, open_embedder
     from dcq.deploy.photos import BadImage, load_crop
-    from dcq.eval.cli import collect_images
+    from dcq.data.folder import collect_images
 
     lookup = landmark_lookup(args.landmarks, args.queries)
     if args.detect:
@@ -190,7 +175,7 @@ def _search(args) -> int:
     if len(ids) > 10:
         print(f"... {len(ids) - 10} more queries")
     if args.json:
-        atomic_write(args.json, lambda f: f.write((json.dumps(result) + "\n").encode()))
+        write_json(args.json, result, indent=None)
         print(f"wrote {args.json} ({len(ids)} queries x {ids.shape[1]} neighbours)")
     return 0
 

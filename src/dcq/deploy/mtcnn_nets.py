@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dcq.deploy.detect import Networks
+from dcq.deploy.mtcnn_interface import Networks
 from dcq.errors import DcqError
 
 

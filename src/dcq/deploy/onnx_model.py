@@ -97,9 +97,10 @@ class OnnxEmbedder:
             raise DcqError(f"{self.path}: the model returned shape {out.shape} for {len(x)} images; expected (N, d)")
         return out
 
-    def embed(self, images, flip: bool = True) -> np.ndarray:
+    def embed(self, images, flip: bool = True, normalise: bool = True) -> np.ndarray:
         """(N, d) float32 L2-normalised embeddings of aligned crops ``images`` (uint8 (N, S, S, 3) RGB,
-        S = ``image_size``). ``flip``: add the embedding of each mirrored crop before normalising."""
+        S = ``image_size``). ``flip``: add the embedding of each mirrored crop before normalising;
+        ``normalise=False``: the raw (flip-summed) features."""
         images = np.asarray(images)
         s = self.image_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
@@ -115,5 +116,6 @@ class OnnxEmbedder:
             e = self._run(x).astype(np.float64)
         if not np.all(np.isfinite(e)):
             raise DcqError(f"{self.path}: the model produced NaN/inf embeddings; its weights are not usable")
-        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        if normalise:
+            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         return e.astype(np.float32)

@@ -2,7 +2,8 @@
 
 - ``verify_pairs``: the ``dcq eval --json`` metrics of embedding pairs (``verification``).
 - ``embed_images`` / ``evaluate_bin``: flip-test embeddings and a verification ``.bin`` end to end.
-- ``evaluate_checkpoint``: a checkpoint file end to end (the pipeline of `dcq eval` and the demo).
+- ``evaluate_model`` / ``evaluate_checkpoint``: a `dcq.encoders` model, or a model file (checkpoint or
+  ``.onnx``), end to end: the one pipeline of `dcq eval` and the demo.
 - ``identify``: rank-k against a gallery plus (up to millions of) distractors, in bounded memory.
 - ``longtail_report``: rank-1 and TAR@FAR per bucket of training images per identity.
 
@@ -22,6 +23,7 @@ _EXPORTS = {
     "embed_images": "dcq.eval.embedding",
     "bin_scores": "dcq.eval.embedding",
     "evaluate_checkpoint": "dcq.eval.pipeline",
+    "evaluate_model": "dcq.eval.pipeline",
     "load_encoder": "dcq.eval.pipeline",
     "evaluate_bin": "dcq.eval.embedding",
     "raw_pixel_embeddings": "dcq.eval.embedding",
@@ -36,6 +38,7 @@ __all__ = [
     "embed_images",
     "evaluate_bin",
     "evaluate_checkpoint",
+    "evaluate_model",
     "identify",
     "load_encoder",
     "longtail_metrics",
@@ -51,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dcq.eval.embedding import bin_scores, embed_images, evaluate_bin, raw_pixel_embeddings
     from dcq.eval.identification import identify, match_ranks
     from dcq.eval.longtail import longtail_metrics, longtail_report
-    from dcq.eval.pipeline import evaluate_checkpoint, load_encoder
+    from dcq.eval.pipeline import evaluate_checkpoint, evaluate_model, load_encoder
     from dcq.eval.verification import roc_curve_points, verify_pairs, verify_scores
 
 

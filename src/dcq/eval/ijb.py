@@ -9,13 +9,15 @@ The field compares face models on IJB-C's TAR at FAR 1e-4 / 1e-5, computed the w
     DIR/loose_crop/<image>
 
 - every crop is aligned to the ArcFace template (`dcq.align.align_face`, scaled to the model's input
-  size) and embedded with the flip test (unit vector of f(x) + f(mirror x));
-- **pooling**: each crop's unit embedding is multiplied by its faceness score; crops of one media
-  (frames of one video, or one still) are averaged; the media of a template are summed; the sum is
-  L2-normalised. Equivalently a template is the normalised sum of ``faceness / (crops in its media)``
-  times each crop's embedding, so crops are streamed in batches into per-template sums and never
-  held all at once;
-- **score** of a template pair = dot product of the two template vectors;
+  size) and embedded with the flip test: its feature is f(x) + f(mirror x), **not** normalised;
+- **pooling** (insightface's test mode N1 D1 F1, the one its published IJB tables use): each crop's
+  feature keeps its norm and is multiplied by its faceness score; crops of one media (frames of one
+  video, or one still) are averaged; the media of a template are summed; only the template is
+  L2-normalised, in float64. Equivalently a template is the normalised sum of
+  ``faceness / (crops in its media)`` times each crop's feature, so crops are streamed in batches
+  into per-template sums and never held all at once. ``unit_crops=True`` (``--ijb-unit-crops``)
+  normalises each crop's feature first: insightface's N0 D1 F1; ``--no-flip`` gives F0;
+- **score** of a template pair = dot product of the two template vectors (float64);
 - **TAR at FAR** by two rules, both reported: ``tar_at_far`` is dcq's strict rule (the best TAR of
   any threshold whose false accept rate is <= the target, ``None`` below one impostor;
   `dcq.eval.verification.tar_at_far_from_scores`), and ``tar_at_far_insightface`` is insightface's
@@ -44,6 +46,7 @@ __all__ = [
     "TemplatePooler",
     "evaluate_ijb",
     "ijb_far_key",
+    "ijb_test_mode",
     "pair_scores",
     "pooling_weights",
     "read_ijb_meta",
@@ -53,8 +56,14 @@ __all__ = [
 
 IJB_NAMES = ("ijbc", "ijbb")
 IJB_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-_PAIR_BATCH = 16384  # template pairs scored at once: 2 x 16384 x d float32 gathered
+_PAIR_BATCH = 16384  # template pairs scored at once: 2 x 16384 x d float64 gathered
 _READ_BLOCK = 1 << 25  # bytes of the pair file parsed at once
+
+
+def ijb_test_mode(unit_crops: bool = False, flip: bool = True) -> str:
+    """insightface's name of the pooling used: N1D1F1 by default (N: crop features keep their norm,
+    D: weighted by faceness, F: flip test)."""
+    return f"N{0 if unit_crops else 1}D1F{1 if flip else 0}"
 
 
 def ijb_far_key(far: float) -> str:
@@ -251,18 +260,18 @@ class TemplatePooler:
         np.add.at(self.sums, np.asarray(template_index), np.asarray(weights, np.float64)[:, None] * features)
 
     def templates(self) -> np.ndarray:
-        """(T, d) float32 unit template vectors (a template whose weights are all 0 stays 0)."""
+        """(T, d) float64 unit template vectors (a template whose weights are all 0 stays 0)."""
         norm = np.linalg.norm(self.sums, axis=1, keepdims=True)
-        return (self.sums / np.maximum(norm, 1e-12)).astype(np.float32)
+        return self.sums / np.maximum(norm, 1e-12)
 
 
 def pair_scores(template_feats: np.ndarray, index_a, index_b, batch: int = _PAIR_BATCH) -> np.ndarray:
-    """Dot products of template rows index_a[k], index_b[k] (float64), ``batch`` pairs at a time."""
+    """Dot products of template rows index_a[k], index_b[k] in float64, ``batch`` pairs at a time."""
     a, b = np.asarray(index_a).reshape(-1), np.asarray(index_b).reshape(-1)
     out = np.empty(len(a), dtype=np.float64)
     for s in range(0, len(a), batch):
         fa, fb = template_feats[a[s:s + batch]], template_feats[b[s:s + batch]]
-        out[s:s + batch] = np.einsum("ij,ij->i", fa, fb)
+        out[s:s + batch] = np.einsum("ij,ij->i", fa.astype(np.float64), fb.astype(np.float64))
     return out
 
 
@@ -335,8 +344,10 @@ def _load_crop(path: Path) -> np.ndarray:
         raise DcqError(f"{path}: cannot decode the face crop ({exc})") from None
 
 
-def embed_templates(model, meta: IJBMeta, batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """(T, d) unit template vectors: crops aligned, embedded and pooled one batch at a time."""
+def embed_templates(model, meta: IJBMeta, batch_size: int = 256, progress: bool = False,
+                    unit_crops: bool = False) -> np.ndarray:
+    """(T, d) float64 unit template vectors: crops aligned, embedded and pooled one batch at a time
+    (crop features raw, N1, or unit vectors with ``unit_crops``, N0)."""
     from dcq.align import align_face
 
     size = int(model.image_size)
@@ -353,7 +364,7 @@ def embed_templates(model, meta: IJBMeta, batch_size: int = 256, progress: bool 
         for start in range(0, n, batch_size):
             rows = range(start, min(n, start + batch_size))
             faces = np.stack([align_face(_load_crop(crops / meta.images[i]), meta.landmarks[i], size) for i in rows])
-            feats = model.embed(faces)
+            feats = model.embed(faces, normalise=unit_crops)
             if pooler is None:
                 pooler = TemplatePooler(len(meta.templates), feats.shape[1])
             pooler.add(meta.template_index[start:rows.stop], weights[start:rows.stop], feats)
@@ -366,13 +377,15 @@ def embed_templates(model, meta: IJBMeta, batch_size: int = 256, progress: bool 
 
 
 def evaluate_ijb(model, root, name: str = "ijbc", batch_size: int = 256, progress: bool | None = None,
-                 far_targets: Sequence[float] = IJB_FAR_TARGETS) -> IJBEvaluation:
-    """The IJB 1:1 protocol of ``root`` for ``model`` (a `dcq.eval.embedder` model)."""
+                 far_targets: Sequence[float] = IJB_FAR_TARGETS, unit_crops: bool = False) -> IJBEvaluation:
+    """The IJB 1:1 protocol of ``root`` for ``model`` (a `dcq.encoders.FaceEncoder`); ``unit_crops``
+    pools unit crop vectors (insightface's N0) instead of raw ones (N1, its published tables)."""
     if batch_size < 1:
         raise DcqError(f"--batch-size must be >= 1, got {batch_size}")
     meta = read_ijb_meta(root, name)
     t0 = time.perf_counter()
-    feats = embed_templates(model, meta, batch_size, sys.stderr.isatty() if progress is None else progress)
+    feats = embed_templates(model, meta, batch_size, sys.stderr.isatty() if progress is None else progress,
+                            unit_crops=unit_crops)
     t1 = time.perf_counter()
     scores = pair_scores(feats, meta.pair_index[:, 0], meta.pair_index[:, 1])
     labels = meta.pair_labels
@@ -380,6 +393,7 @@ def evaluate_ijb(model, root, name: str = "ijbc", batch_size: int = 256, progres
     del meta, feats  # the pair table is not needed by the ROC's sort, the largest step
     fpr, tpr = roc_points(scores, labels)
     metrics = {
+        "test_mode": ijb_test_mode(unit_crops, getattr(model, "flip", True)),
         **counts,
         "pairs": int(len(labels)),
         "genuine_pairs": int(labels.sum()),

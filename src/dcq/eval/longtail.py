@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcq.data.profiles import bucket_name
+from dcq.data.synth.profiles import bucket_name
 from dcq.errors import DcqError
 from dcq.eval.identification import match_ranks
 from dcq.eval.verification import l2_normalise, tar_at_far_from_scores
@@ -185,14 +185,13 @@ class ProbeGallery:
 def embed_probe_gallery(encoder, dataset_dir, image_size: int | None = None, device="cpu",
                         batch_size: int = 256, flip: bool = True, progress: bool = False) -> ProbeGallery:
     """Embed a dataset's training images (streamed into per-identity sums, never all held at once)
-    and its probe set; labels and counts are checked against each other before any embedding."""
-    import torch
-
+    and its probe set; labels and counts are checked against each other before any embedding.
+    ``encoder``: a `dcq.encoders.FaceEncoder` (checkpoint or ONNX) or a PyTorch module."""
     from dcq.data import open_dataset, read_probe_set
-    from dcq.eval.embedding import embed_images, encoder_image_size
+    from dcq.encoders import as_encoder
 
+    model = as_encoder(encoder, device, batch_size, flip, image_size)
     dataset_dir = Path(dataset_dir)
-    size = image_size if image_size is not None else encoder_image_size(encoder)
     ds = open_dataset(dataset_dir)
     probe = read_probe_set(dataset_dir)
     labels = np.asarray(ds.labels).astype(np.int64)
@@ -219,24 +218,22 @@ def embed_probe_gallery(encoder, dataset_dir, image_size: int | None = None, dev
         bar = tqdm(total=len(labels) + len(p_lab), desc="long-tail", unit="img", dynamic_ncols=True)
     try:
         sums = None
-        step = max(1, int(batch_size)) * 4
+        step = max(1, int(model.batch_size)) * 4
         for start in range(0, len(labels), step):
             idx = range(start, min(len(labels), start + step))
-            emb = embed_images(encoder, [ds.image_bytes(i) for i in idx], batch_size=batch_size, flip=flip,
-                               device=device, image_size=size)
+            emb = model.embed([ds.image_bytes(i) for i in idx])
             if sums is None:
-                sums = torch.zeros((n_ids, emb.shape[1]), dtype=torch.float64)
-            sums.index_add_(0, torch.from_numpy(labels[start:start + len(idx)]), torch.from_numpy(emb).double())
+                sums = np.zeros((n_ids, emb.shape[1]), dtype=np.float64)
+            np.add.at(sums, labels[start:start + len(idx)], emb.astype(np.float64))
             if bar is not None:
                 bar.update(len(idx))
-        probe_emb = embed_images(encoder, probe.images, batch_size=batch_size, flip=flip, device=device,
-                                 image_size=size)
+        probe_emb = model.embed(probe.images)
         if bar is not None:
             bar.update(len(p_lab))
     finally:
         if bar is not None:
             bar.close()
-    return ProbeGallery(centres=l2_normalise(sums.numpy()[present]), centre_labels=present,
+    return ProbeGallery(centres=l2_normalise(sums[present]), centre_labels=present,
                         centre_counts=counts[present], probe_emb=probe_emb, probe_labels=p_lab,
                         probe_counts=counts[p_lab], train_images=len(labels))
 

@@ -13,6 +13,13 @@ challenge) and a set of distractor images of nobody in it:
   number of distractors given, and a set of N distractors is the first N rows of the distractor
   file(s) (so the sets are nested, as in the challenge).
 
+**Fast path**: a distractor set of ``INDEX_MIN_ROWS`` rows or more (1M in the challenge) is searched
+through the gallery's faiss index (`dcq.deploy.gallery.Gallery`, IVF by default) when faiss is
+installed: each probe's ``index_k`` best distractors are retrieved and a pair's rank counts those
+scoring ``>=`` its gallery score, so the CMC is reported up to rank ``index_k`` (``None`` beyond).
+The result's ``"search"`` entry says, per distractor-set size, which search ran and, for an index,
+its recall of the exact top ``index_k`` on a sample of probes (`dcq.deploy.gallery.exact_search`).
+
 Identities with a single image give no pair and are skipped. `dcq.eval.identification.match_ranks`
 ranks each probe against one fixed gallery; here every probe has as many galleries as its identity
 has other images, so the distractor scores of each probe are computed once and compared with all its
@@ -32,10 +39,14 @@ import numpy as np
 from dcq.errors import DcqError
 from dcq.eval.verification import l2_normalise
 
-__all__ = ["CMC_RANKS", "distractor_sizes", "megaface_counts", "megaface_identification", "probe_pairs"]
+__all__ = ["CMC_RANKS", "INDEX_KINDS", "INDEX_MIN_ROWS", "distractor_sizes", "index_counts", "megaface_counts",
+           "megaface_identification", "probe_pairs"]
 
 CMC_RANKS = (1, 2, 3, 5, 10, 20, 50, 100, 1000, 10_000, 100_000, 1_000_000)
 _SCORE_BLOCK = 1 << 24  # probes x distractor-chunk float32 scores at once (64 MiB)
+INDEX_MIN_ROWS = 100_000  # with index="auto", sets of this many distractors or more take the faiss index
+INDEX_KINDS = ("auto", "exact", "flat", "ivf", "ivfpq", "hnsw")  # exact: numpy counting, never an index
+RECALL_PROBES = 256  # probes whose index top-k is compared with the exact top-k
 
 
 def distractor_sizes(available: int, sizes: Sequence[int] | None = None) -> list[int]:
@@ -133,17 +144,92 @@ def megaface_counts(probe_emb, probe_labels, distractors, sizes: Sequence[int]) 
     return gal, pro, np.cumsum(counts, axis=0), sizes
 
 
+def _first_rows(arrays: list, n: int) -> np.ndarray:
+    """The first ``n`` distractor rows of the files read in order, as one float32 array."""
+    parts, left = [], n
+    for arr in arrays:
+        if left <= 0:
+            break
+        parts.append(np.asarray(arr[:left], dtype=np.float32))
+        left -= len(parts[-1])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def index_counts(probe_emb, probe_labels, distractors, size: int, kind: str = "ivf", k: int = 1000,
+                 recall_probes: int = RECALL_PROBES) -> tuple[np.ndarray, dict]:
+    """(counts, search record) of one distractor-set size through a `Gallery` index of its first
+    ``size`` rows: ``counts[i]`` = retrieved distractors scoring >= pair i's gallery score (pair order
+    of `probe_pairs`; ``k`` means rank > k); the record holds the recall of the exact top k."""
+    from dcq.deploy.gallery import Gallery, exact_search
+
+    probes = l2_normalise(np.asarray(probe_emb, dtype=np.float32))
+    labels = np.asarray(probe_labels).reshape(-1)
+    arrays = _check_distractors(distractors, probes.shape[1])
+    gal, pro = probe_pairs(labels)
+    rows = _first_rows(arrays, int(size))
+    gallery = Gallery.build(rows, kind=kind)
+    k = min(int(k), len(rows))
+    active = np.unique(pro)
+    _, found = gallery.search(probes[active], k)
+    found = np.sort(found, axis=1)  # ascending scores of each active probe's top k
+    slot = np.searchsorted(active, pro)
+    gallery_score = np.einsum("ij,ij->i", probes[gal], probes[pro]).astype(np.float32)
+    counts = np.array([k - np.searchsorted(found[r], s, side="left") for r, s in zip(slot, gallery_score)],
+                      dtype=np.int64)
+    sample = active[np.unique(np.linspace(0, len(active) - 1, min(len(active), recall_probes)).astype(int))]
+    approx, _ = gallery.search(probes[sample], k)
+    exact, _ = exact_search(probes[sample], rows, k)
+    recall = float(np.mean([len(np.intersect1d(a, e)) / k for a, e in zip(approx, exact)]))
+    record = {"distractors": int(size), "search": f"faiss {kind} index", "params": gallery.params, "k": int(k),
+              "recall_at_k": recall, "recall_probes": int(len(sample))}
+    return counts, record
+
+
+def _uses_index(index: str, size: int) -> bool:
+    if index not in INDEX_KINDS:
+        raise DcqError(f"--megaface-index {index}: choose one of {', '.join(INDEX_KINDS)}")
+    if index == "exact":
+        return False
+    if index == "auto":
+        from dcq.deploy.gallery import have_faiss
+
+        return size >= INDEX_MIN_ROWS and have_faiss()
+    return True
+
+
 def megaface_identification(probe_emb, probe_labels, distractors, sizes: Sequence[int] | None = None,
-                            cmc_ranks: Sequence[int] = CMC_RANKS) -> dict:
-    """The ``dcq eval --json`` ``"megaface"`` entry: rank-1 and CMC at each distractor-set size."""
-    gal, pro, counts, sizes = megaface_counts(probe_emb, probe_labels, distractors, sizes)
+                            cmc_ranks: Sequence[int] = CMC_RANKS, index: str = "auto", index_k: int = 1000) -> dict:
+    """The ``dcq eval --json`` ``"megaface"`` entry: rank-1 and CMC at each distractor-set size.
+
+    ``index``: "auto" (a faiss IVF index for sets of ``INDEX_MIN_ROWS`` or more when faiss is
+    installed, exact counting otherwise), "exact", or a `Gallery` kind for every size."""
+    arrays = list(distractors) if isinstance(distractors, (list, tuple)) else [distractors]
+    sizes = distractor_sizes(sum(len(a) for a in arrays), sizes)
+    exact_sizes = [s for s in sizes if not _uses_index(index, s)]
+    per_size, search = {}, []
+    if exact_sizes:
+        gal, pro, counts, _ = megaface_counts(probe_emb, probe_labels, arrays, exact_sizes)
+        per_size.update({s: (c, None) for s, c in zip(exact_sizes, counts)})
+        search += [{"distractors": int(s), "search": "exact"} for s in exact_sizes]
+    for s in sizes:
+        if s not in per_size:
+            kind = "ivf" if index == "auto" else index
+            counts, record = index_counts(probe_emb, probe_labels, arrays, s, kind, index_k)
+            per_size[s] = (counts, record["k"] if record["k"] < s else None)  # k = s: every rank is known
+            search.append(record)
+    gal, pro = probe_pairs(np.asarray(probe_labels).reshape(-1))
     ranks = [int(k) for k in cmc_ranks if int(k) <= sizes[-1] + 1]
     labels = np.asarray(probe_labels).reshape(-1)
+
+    def cmc(c, k_max):
+        return [float(np.mean(c < k)) if k_max is None or k <= k_max else None for k in ranks]
+
     return {
         "distractors": [int(s) for s in sizes],
-        "rank1": [float(np.mean(c == 0)) for c in counts],
+        "rank1": [float(np.mean(per_size[s][0] == 0)) for s in sizes],
         "cmc_ranks": ranks,
-        "cmc": [[float(np.mean(c < k)) for k in ranks] for c in counts],
+        "cmc": [cmc(*per_size[s]) for s in sizes],
+        "search": sorted(search, key=lambda r: r["distractors"]),
         "probe_images": int(len(labels)),
         "probe_identities": int(len(np.unique(labels[pro]))),
         "pairs": int(len(gal)),

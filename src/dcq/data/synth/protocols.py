@@ -6,7 +6,7 @@
 - every identity has 2-4 *templates*; a template has 1-4 *media*; a media is a still (one crop) or,
   with probability 0.4, a "video" of 2-5 frames (crops of one rendered instance, each with its own
   framing), as IJB mixes photos and video frames;
-- a crop is an aligned face rendered by `dcq.data.face_render` at ``image_size``, warped into a
+- a crop is an aligned face rendered by `dcq.data.synth.render` at ``image_size``, warped into a
   larger *loose crop* by a random similarity (rotation up to +-0.5 rad, face side 0.6-1.6x
   ``image_size``, random placement) over a random background; the 5 landmarks written are where
   the ArcFace template points (`dcq.align.reference_points`) of the aligned face land, exactly, so
@@ -27,7 +27,6 @@ written into a temporary folder inside OUT and moved into place at the end, ``st
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import shutil
@@ -36,13 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dcq.atomic import write_json
 from dcq.errors import DcqError
 
 __all__ = ["IJB_FIRST_IDENTITY", "MEGAFACE_FIRST_IDENTITY", "synthesize_ijb", "synthesize_megaface"]
 
 IJB_FIRST_IDENTITY = 10_000_000
 MEGAFACE_FIRST_IDENTITY = 20_000_000
-# random-stream tags (dcq.data.face_identity uses 11-15)
+# random-stream tags (dcq.data.synth.identity uses 11-15)
 _PLAN, _FACE, _FRAME, _IMPOSTORS, _MEGAFACE = 21, 22, 23, 24, 25
 _JOB_IMAGES = 128
 
@@ -50,7 +50,7 @@ _RENDERERS: dict = {}
 
 
 def _renderer(size: int):
-    from dcq.data.face_render import FaceRenderer
+    from dcq.data.synth.render import FaceRenderer
 
     r = _RENDERERS.get(size)
     if r is None:
@@ -110,7 +110,7 @@ def _background(side: int, r: np.random.Generator):
 def _render_loose(job: tuple) -> list[tuple[bytes, list, float]]:
     """Render a list of media: (identity, instance, frames) -> per frame (JPEG, landmarks, faceness)."""
     from dcq.align import reference_points
-    from dcq.data.face_identity import identity_params
+    from dcq.data.synth.identity import identity_params
 
     seed, size, media = job
     renderer = _renderer(size)
@@ -130,7 +130,7 @@ def _render_loose(job: tuple) -> list[tuple[bytes, list, float]]:
 
 def _aligned(job: tuple) -> list[bytes]:
     """Aligned crops: (identity, instance) -> JPEG, as the training set's images are made."""
-    from dcq.data.face_render import render_instance
+    from dcq.data.synth.render import render_instance
 
     seed, size, items = job
     return [render_instance(_renderer(size), seed, identity, instance, _MEGAFACE) for identity, instance in items]
@@ -179,7 +179,7 @@ def _start(out_dir, products: tuple[str, ...]) -> tuple[Path, Path]:
 
 def _finish(tmp: Path, out_dir: Path, products: tuple[str, ...], stats: dict) -> None:
     """Move the products into place (replacing a previous run's), then stats.json, which marks completion."""
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    write_json(tmp / "stats.json", stats, indent=1)
     if (out_dir / "stats.json").exists():
         (out_dir / "stats.json").unlink()
     for name in products:
@@ -252,10 +252,8 @@ def synthesize_ijb(out_dir, identities: int = 200, image_size: int = 112, seed: 
     """Write a synthetic IJB-like set (module docstring) to ``out_dir``; returns its stats."""
     from tqdm import tqdm
 
-    from dcq.eval.ijb import IJB_NAMES
-
-    if name not in IJB_NAMES:
-        raise DcqError(f"IJB set name {name!r}: choose one of {', '.join(IJB_NAMES)}")
+    if not (isinstance(name, str) and name.isalnum() and name.islower()):  # it starts every meta file name
+        raise DcqError(f"IJB set name {name!r}: lower-case letters and digits, as insightface's ijbc and ijbb")
     if identities < 2:
         raise DcqError(f"an IJB set needs at least 2 identities (impostor pairs), got {identities}")
     if not 16 <= int(image_size) <= 1024:
@@ -296,7 +294,7 @@ def synthesize_ijb(out_dir, identities: int = 200, image_size: int = 112, seed: 
     finally:
         pool.close()
     stats = {
-        "generator": "dcq.data.synth_protocols",
+        "generator": "dcq.data.synth.protocols",
         "profile": "ijb",
         "name": name,
         "seed": int(seed),
@@ -364,7 +362,7 @@ def synthesize_megaface(out_dir, identities: int = 80, images_per_identity: int 
         pool.close()
         bar.close()
     stats = {
-        "generator": "dcq.data.synth_protocols",
+        "generator": "dcq.data.synth.protocols",
         "profile": "megaface",
         "seed": int(seed),
         "image_size": int(image_size),

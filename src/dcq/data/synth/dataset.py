@@ -10,14 +10,13 @@ blur, noise, occluders, background, JPEG quality) and is drawn with PIL at the r
 Every image is a pure function of ``(seed, identity, instance)``, so output is identical for a seed
 whatever the number of worker processes.
 
-Modules: `face_identity` (latent faces, named random draws), `face_render` (drawing an instance),
+Modules: `identity` (latent faces, named random draws), `render` (drawing an instance),
 `profiles` (images per identity, buckets); this one renders in worker processes and writes the
 dataset (``synthesize``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dcq.data.face_identity import _INSTANCE, _PAIRS, _VAL_INSTANCE, identity_params
-from dcq.data.face_render import FaceRenderer, render_instance
-from dcq.data.profiles import PROFILES, count_histogram, images_per_identity
+from dcq.atomic import write_json
+from dcq.data.synth.identity import _INSTANCE, _PAIRS, _VAL_INSTANCE, identity_params
+from dcq.data.synth.profiles import PROFILES, count_histogram, images_per_identity
+from dcq.data.synth.render import FaceRenderer, render_instance
 from dcq.errors import DcqError
 
 __all__ = ["PROFILES", "FaceRenderer", "identity_params", "images_per_identity", "render_instance", "synthesize",
@@ -251,7 +251,7 @@ def synthesize(out_dir, profile: str = "ms1m", identities: int = 1000, image_siz
     seconds = time.perf_counter() - t0
 
     stats = {
-        "generator": "dcq.data.synthetic",
+        "generator": "dcq.data.synth.dataset",
         "generator_version": GENERATOR_VERSION,
         "profile": profile,
         "seed": int(seed),
@@ -275,9 +275,7 @@ def synthesize(out_dir, profile: str = "ms1m", identities: int = 1000, image_siz
         "probes_per_identity": int(probes_per_identity),
         "files": {"train": "train.rec" if fmt == "rec" else "train/", "val": ["val.bin"], "probe": "probe.rec"},
     }
-    with open(tmp / "stats.json", "w") as f:
-        json.dump(stats, f, indent=1)
-        f.write("\n")
+    write_json(tmp / "stats.json", stats, indent=1)
     _publish(tmp, out_dir, fmt)
     result = dict(stats)
     result["seconds"] = seconds

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from dcq.data.face_identity import _INSTANCE, Identity, InstanceDraws, identity_params
+from dcq.data.synth.identity import _INSTANCE, Identity, InstanceDraws, identity_params
 from dcq.errors import DcqError
 
 _RAMP = np.arange(256, dtype=np.float32)[None, :]

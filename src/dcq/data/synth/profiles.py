@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from dcq.data.face_identity import _COUNTS
+from dcq.data.synth.identity import _COUNTS
 from dcq.errors import DcqError
 
 PROFILES = ("ms1m", "mf2")

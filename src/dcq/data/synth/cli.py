@@ -45,7 +45,7 @@ def configure_synth(parser: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from dcq.data.synthetic import synthesize
+    from dcq.data.synth.dataset import synthesize
 
     if args.profile in ("ijb", "megaface"):
         return _run_benchmark_set(args)
@@ -74,7 +74,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_benchmark_set(args: argparse.Namespace) -> int:
-    from dcq.data import synth_protocols as sp
+    from dcq.data.synth import protocols as sp
 
     if args.workers < 1:
         raise DcqError(f"--workers must be at least 1, got {args.workers}")
