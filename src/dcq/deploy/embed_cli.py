@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dcq.errors import DcqError
+from dcq.errors import DcqError, printable
 
 
 def add_onnx_options(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
     if advice == "true" and not flip:
         print("note: the model's metadata recommends the flip test; --no-flip gives other embeddings",
               file=sys.stderr)
-    print(f"model: {embedder.path} ({embedder.image_size} px, {embedder.embedding_size}-d, "
+    print(f"model: {printable(embedder.path)} ({embedder.image_size} px, {embedder.embedding_size}-d, "
           f"{embedder.metadata.get('dcq.encoder', 'no dcq metadata: insightface preprocessing')}); "
           f"{len(files)} images")
     manifest = embed_collection(embedder, files, out, batch_size=args.batch_size, flip=flip,
@@ -85,10 +85,11 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
                                 aligned_by=str(args.landmarks) if args.landmarks else None,
                                 progress=sys.stderr.isatty())
     failed = manifest["failed"]
-    print(f"{out}: {manifest['rows']} embeddings in {len(manifest['shards'])} shards ({out / 'manifest.json'}); "
+    print(f"{printable(out)}: {manifest['rows']} embeddings in {len(manifest['shards'])} shards "
+          f"({printable(out / 'manifest.json')}); "
           f"{len(failed)} files could not be embedded" + (":" if failed else ""))
     for f in failed[:10]:
-        print(f"  {f['path']}: {f['reason']}")
+        print(f"  {printable(f['path'])}: {printable(f['reason'])}")
     if len(failed) > 10:
-        print(f"  ... {len(failed) - 10} more in {out / 'manifest.json'} ('failed')")
+        print(f"  ... {len(failed) - 10} more in {printable(out / 'manifest.json')} ('failed')")
     return 0

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from dcq.atomic import atomic_write, ensure_writable
-from dcq.errors import DcqError
+from dcq.errors import DcqError, printable
 from dcq.tables import fmt_metric, markdown_table
 
 TABLE_FARS = ("1e-4", "1e-3", "1e-2", "1e-1")
@@ -232,6 +233,10 @@ def run_embed(args: argparse.Namespace) -> int:
     if out.suffix != ".npy":
         raise DcqError(f"--out {out}: must end in .npy (names are written to {out.with_suffix('.txt').name})")
     files = collect_images(args.images)
+    for f in files:  # one name per line in NAME.txt: a name that breaks lines would shift every later row
+        if len(str(f).splitlines()) > 1 or str(f).endswith(("\n", "\r")):
+            raise DcqError(f"{printable(f)}: a file name with a line break cannot be listed one per line in "
+                           f"{out.with_suffix('.txt').name}; rename it, or use `dcq embed --onnx` (JSON names)")
     encoder, info, _, device = _encoder(args)
     names_path = out.with_suffix(".txt")
     ensure_writable(out)
@@ -250,7 +255,7 @@ def run_embed(args: argparse.Namespace) -> int:
             emb[start:start + len(batch)] = e
             bar.update(len(batch))
     atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
-    atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
+    atomic_write(names_path, lambda f: f.write(b"".join(os.fsencode(p) + b"\n" for p in files)))  # exact bytes
     print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {names_path}")
     return 0
 
