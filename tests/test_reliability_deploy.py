@@ -243,7 +243,7 @@ def _external_model(tmp_path, rng, declared_elements):
 
 
 def test_external_data_declaring_8_gb_is_refused_before_loading(tmp_path, rng, capsys):
-    path = _external_model(tmp_path, rng, 2 * 2**30)  # 2^31 floats: 8 GB declared, 768 bytes on disk
+    path = _external_model(tmp_path, rng, 2 * 2**30)  # 2^31 floats: 8 GB declared, 3 KB on disk
     np.save(tmp_path / "x.npy", rng.standard_normal((4, DIM)).astype(np.float32))
     code = ("import resource, sys; from dcq.cli import main; "
             f"rc = main(['gallery', 'build', {str(tmp_path / 'x.npy')!r}, '--model', {str(path)!r}, '--out', "

@@ -79,6 +79,11 @@ def test_a_112_px_crop_from_a_huge_photo_stays_under_1_gb(tmp_path):
         assert rc == 0 and rss_kb < GB_KB, (done.stdout, done.stderr, rss_kb)
         assert "huge.png" in done.stdout and "pixels" in done.stdout  # listed as failed, not decoded
     assert Image.open(tmp_path / "crops" / "big.png").size == (112, 112)
+    # a loader worker: torch imported, the training transform on the 64-megapixel PNG
+    done = run_python(f"import resource; from dcq.data.transforms import TrainTransform; "
+                      f"x = TrainTransform(112, normalize=False)(open({str(photos / 'big.png')!r}, 'rb').read()); "
+                      "print(tuple(x.shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    assert done.stdout.startswith("(3, 112, 112)") and int(done.stdout.split()[-1]) < GB_KB, (done.stdout, done.stderr)
 
 
 def test_the_loader_refuses_a_huge_image_from_its_header():

@@ -153,7 +153,7 @@ def _decode_turbo(sj, data, image_size: int | None) -> np.ndarray | None:
     return img
 
 
-def _decode_pil(data, image_size: int | None, where: str) -> np.ndarray:
+def _decode_pil(data, image_size: int | None, where: str, resize: bool = False) -> np.ndarray:
     try:
         with warnings.catch_warnings():  # the size is checked below, against a lower bound than Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -163,7 +163,8 @@ def _decode_pil(data, image_size: int | None, where: str) -> np.ndarray:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the stored image is much larger.
                 pil.draft("RGB", (image_size, image_size))
             _check_decoded_size(*pil.size, where)
-            return np.array(pil if pil.mode == "RGB" else pil.convert("RGB"))  # no second full-size copy
+            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # no second full-size copy
+            return np.array(_resized(rgb, image_size) if resize and image_size is not None else rgb)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         loc = f" ({where})" if where else ""
         reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
@@ -175,18 +176,21 @@ def _decode_pil(data, image_size: int | None, where: str) -> np.ndarray:
         ) from None
 
 
-def decode_bytes(data, image_size: int | None = None, *, where: str = "", decoder: str | None = None) -> np.ndarray:
+def decode_bytes(data, image_size: int | None = None, *, where: str = "", decoder: str | None = None,
+                 resize: bool = False) -> np.ndarray:
     """JPEG/PNG/BMP bytes -> uint8 HxWx3 RGB, JPEGs much larger than image_size shrunk while decoding.
 
     The result is what Pillow gives with ``draft("RGB", (image_size, image_size))`` and
-    ``convert("RGB")``; resizing to exactly image_size is the caller's (``decode_image``)."""
+    ``convert("RGB")``; resizing to exactly image_size is the caller's (``decode_image``), or, with
+    ``resize``, done here on Pillow's image before the array is made (the same pixels as
+    `resize_image`, without a full-size array next to Pillow's)."""
     if not isinstance(data, _BytesLike):
         raise DcqError(f"expected encoded image bytes, got {type(data).__name__}")
     if resolve_decoder(decoder) == "turbo" and bytes(data[:3]) == _JPEG_START:
         img = _decode_turbo(_turbo_module(), data, image_size)
         if img is not None:
-            return img
-    return _decode_pil(data, image_size, where)
+            return resize_image(img, image_size) if resize and image_size is not None else img
+    return _decode_pil(data, image_size, where, resize)
 
 
 def as_rgb_array(img: np.ndarray) -> np.ndarray:
@@ -211,7 +215,13 @@ def resize_image(img: np.ndarray, image_size: int) -> np.ndarray:
     h, w = img.shape[:2]
     if h == image_size and w == image_size:
         return img
-    pil = Image.fromarray(img)
+    return np.array(_resized(Image.fromarray(img), image_size))
+
+
+def _resized(pil, image_size: int):
+    """`resize_image` on a Pillow RGB image."""
+    w, h = pil.size
+    if h == image_size and w == image_size:
+        return pil
     shrinking = image_size < h or image_size < w
-    pil = pil.resize((image_size, image_size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
-    return np.array(pil)
+    return pil.resize((image_size, image_size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)

@@ -26,10 +26,9 @@ class BadImage(Exception):
     """A file that cannot be embedded (unreadable, undecodable, no landmarks); the message says why."""
 
 
-def _decode(data: bytes, size: int | None) -> np.ndarray:
-
+def _decode(data: bytes, size: int | None, resize: bool = False) -> np.ndarray:
     try:
-        return decode_bytes(data, size)
+        return decode_bytes(data, size, resize=resize)
     except DcqError as exc:  # its advice is for training records; keep what went wrong
         raise BadImage(str(exc).split(";")[0]) from None
 
@@ -43,7 +42,7 @@ def load_crop(path: Path, size: int, landmarks: np.ndarray | None = None) -> np.
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror or exc})") from None
     if landmarks is None:
-        return resize_image(_decode(data, size), size)
+        return resize_image(_decode(data, size, resize=True), size)
     try:
         photo, landmarks = _decode_photo(data, np.asarray(landmarks, dtype=np.float64))
         return align_face(photo, landmarks, size)
