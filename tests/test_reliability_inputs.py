@@ -128,6 +128,15 @@ def test_hostile_configs_end_in_one_short_line(tmp_path, text, sets, needle):
     assert needle in line and len(line.encode()) <= 2048, line[:300]
 
 
+def test_every_numeric_key_has_a_range():
+    from dcq.train.config import _HINTS, LIMITS, TrainConfig
+
+    numeric = {k for k, hint in _HINTS.items() if hint in (int, float)}
+    assert numeric == set(LIMITS)
+    defaults = TrainConfig()
+    assert all(low <= getattr(defaults, k) <= high for k, (low, high) in LIMITS.items())
+
+
 def test_one_line_cuts_a_huge_message():
     line = one_line(DcqError("config: value " + "x" * 10_000_000))
     assert len(line.encode()) <= 2048 and "characters in all" in line
@@ -173,7 +182,7 @@ def test_convert_refuses_non_string_keys_and_nan_weights(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ 7 / 10. IJB meta files
-@pytest.mark.parametrize("edit,needle", [("tid", "integers"), ("faceness", "faceness 0")])
+@pytest.mark.parametrize("edit,needle", [("tid", "below 2\\^63"), ("pair", "3 integers"), ("faceness", "faceness 0")])
 def test_ijb_ids_beyond_int64_and_faceness_zero_are_refused(tmp_path, edit, needle):
     from dcq.data.synth_protocols import synthesize_ijb
     from dcq.eval.ijb import read_ijb_meta
@@ -185,6 +194,10 @@ def test_ijb_ids_beyond_int64_and_faceness_zero_are_refused(tmp_path, edit, need
         lines = path.read_text().splitlines()
         name, _, mid = lines[0].split()
         path.write_text("\n".join([f"{name} {10**23} {mid}"] + lines[1:]) + "\n")
+    elif edit == "pair":
+        path = meta / "ijbc_template_pair_label.txt"
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([f"{10**23} {lines[0].split()[1]} 1"] + lines[1:]) + "\n")
     else:
         path = meta / "ijbc_name_5pts_score.txt"
         lines = path.read_text().splitlines()

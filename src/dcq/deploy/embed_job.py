@@ -48,10 +48,12 @@ def read_manifest(folder) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DcqError(f"{path}: not a dcq embedding manifest of format {FORMAT}")
     shards, failed = manifest.get("shards"), manifest.get("failed")
-    if not isinstance(shards, list) or not isinstance(failed, list) or not all(
+    if not isinstance(shards, list) or not isinstance(failed, list) or type(manifest.get("embedding_size")) is not int \
+            or not isinstance(manifest.get("fingerprint"), str) or type(manifest.get("rows")) is not int or not all(
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("paths"), str)
             and type(s.get("rows")) is int and s["rows"] >= 0 for s in shards):
-        raise DcqError(f"{path}: damaged manifest (its shards or failed list); delete the folder and embed again")
+        raise DcqError(f"{path}: damaged manifest (its sizes, fingerprint, shards or failed list); delete the folder "
+                       "and embed again")
     return manifest
 
 

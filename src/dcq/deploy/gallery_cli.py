@@ -121,10 +121,12 @@ def _build(args) -> int:
     from dcq.deploy.gallery import Gallery
 
     out = Path(args.out)
-    ensure_writable(out)
+    if out.is_dir():
+        raise DcqError(f"cannot write {out}: it is a folder; give a file name")
     with lock_gallery(out):
         if out.exists() and not args.overwrite:
             raise DcqError(f"--out {out} exists; `dcq gallery add {out} EMB` adds to it, --overwrite replaces it")
+        ensure_writable(out)
         emb, paths, origin = read_embedding_input(args.embeddings, args.model)
         labels = read_labels(args.labels, len(emb)) if args.labels else paths
         g = Gallery.build(emb, labels=labels, fingerprint=origin["fingerprint"], kind=args.index, nlist=args.nlist,
@@ -162,10 +164,9 @@ def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, dict]:
             raise DcqError("give one query embedding file or folder, or image files with --onnx MODEL")
         return read_embedding_input(args.queries[0], args.model)
     from dcq.deploy.embed_cli import landmark_lookup, open_embedder
+    from dcq.deploy.metadata import preprocessing_record
     from dcq.deploy.photos import BadImage, load_crop
     from dcq.eval.cli import collect_images
-
-    from dcq.deploy.metadata import preprocessing_record
 
     lookup = landmark_lookup(args.landmarks, args.queries)
     files = collect_images(args.queries)

@@ -127,7 +127,8 @@ def _read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
             if not (abs(tids[-1]) < 2**63 and abs(mids[-1]) < 2**63):
                 raise ValueError
         except ValueError:
-            raise DcqError(f"{path}:{number}: template and media ids must be integers: {' '.join(fields)[:100]}") \
+            raise DcqError(f"{path}:{number}: template and media ids must be integers below 2^63: "
+                           f"{' '.join(fields)[:100]}") \
                 from None
         names.append(fields[0])
     return names, np.asarray(tids, dtype=np.int64), np.asarray(mids, dtype=np.int64)
@@ -142,7 +143,9 @@ def _parse_int_lines(path: Path, text: bytes, first_line: int, ncols: int) -> np
             values = np.fromstring(text, dtype=np.int64, sep=" ")  # text mode: whitespace-separated
         except (ValueError, DeprecationWarning):
             values = None
-    if values is not None and values.size == rows * ncols:
+    limits = np.iinfo(np.int64)
+    if values is not None and values.size == rows * ncols and not (
+            (values == limits.max) | (values == limits.min)).any():  # numpy clips out-of-range ids silently
         return values.reshape(rows, ncols)
     out = []
     for k, line in enumerate(text.decode("utf-8", "replace").splitlines()):

@@ -179,7 +179,7 @@ class TrainConfig:
 LIMITS: dict[str, tuple[float, float]] = {
     "embedding_size": (1, 65536), "image_size": (1, 4096), "dropout": (0, 0.999), "queue_size": (0, 2**31),
     "queue_fraction": (0, 1), "scale": (1e-6, 1e4), "margin": (0, 10), "sample_rate": (0, 1),
-    "num_references": (1, 64), "generator_momentum": (0, 1), "bn_splits": (1, 4096), "lr": (1e-12, 1e3),
+    "num_references": (1, 64), "generator_momentum": (0, 1), "bn_splits": (1, 4096), "lr": (1e-12, 1e4),
     "sgd_momentum": (0, 1), "weight_decay": (0, 10), "lr_decay": (0, 1e3), "warmup_epochs": (0, 1e6),
     "epochs": (1e-9, 1e6), "max_steps": (0, 10**12), "batch_size": (1, 2**20), "grad_clip": (0, 1e12),
     "workers": (0, 64), "eval_every": (0, 10**12), "eval_batch_size": (1, 2**20), "seed": (0, 2**32 - 1),
