@@ -245,3 +245,22 @@ def test_checkpoint_embed_writes_names_as_their_bytes(tmp_path, capsys):
     assert main(["embed", str(tmp_path / "m.pt"), str(faces), "--out", str(tmp_path / "f.npy")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "line break" in err and not (tmp_path / "f.npy").exists()
+
+
+def test_a_jpeg_over_the_bound_is_aligned_from_a_shrunk_decode(tmp_path, monkeypatch):
+    """The landmarks follow the DCT shrink: the crop matches the full-resolution one closely."""
+    import dcq.data.decode as decode
+    from dcq.deploy import photos
+
+    ys, xs = np.mgrid[0:600, 0:800]
+    smooth = np.stack([xs * 255 // 800, ys * 255 // 600, (xs + ys) * 255 // 1400], axis=2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "p.jpg", quality=95)
+    marks = np.array([[300, 250], [500, 250], [400, 350], [320, 450], [480, 450]], dtype=np.float64)
+    full = photos.load_crop(tmp_path / "p.jpg", 112, marks)
+    monkeypatch.setattr(decode, "MAX_DECODED_PIXELS", 400 * 300)  # 800 x 600 is now over: shrunk by 2
+    monkeypatch.setattr(photos, "MAX_DECODED_PIXELS", 400 * 300)
+    shrunk = photos.load_crop(tmp_path / "p.jpg", 112, marks)
+    assert np.abs(full.astype(int) - shrunk.astype(int)).mean() < 1.0  # 0.15 here; unscaled landmarks: 117
+    Image.fromarray(smooth).save(tmp_path / "p.png")
+    with pytest.raises(photos.BadImage, match="pixels"):  # no shrinking decode for a PNG: refused
+        photos.load_crop(tmp_path / "p.png", 112, marks)
