@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # matching its dotted name; it may import its own layer and the layers below.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["dcq.errors", "dcq.atomic", "dcq.checksum", "dcq.seeds", "dcq.lazy", "dcq.tables",
-                    "dcq.resources", "dcq.distributed", "dcq.autocast"]),
+                    "dcq.resources", "dcq.distributed", "dcq.autocast", "dcq.lock"]),
     ("data and networks", ["dcq.align", "dcq.data", "dcq.data.*", "dcq.models", "dcq.models.*", "dcq.heads",
                            "dcq.heads.*", "dcq.momentum"]),
     ("model and embedding files", ["dcq.checkpoint", "dcq.convert", "dcq.encoders", "dcq.deploy", "dcq.deploy.*"]),

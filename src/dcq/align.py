@@ -33,6 +33,7 @@ ARCFACE_TEMPLATE_112 = np.array(
     dtype=np.float64,
 )
 ARCFACE_TEMPLATE_112.setflags(write=False)
+MAX_COORDINATE = 1e7  # pixels: far beyond any photo, small enough that no product overflows
 
 
 def reference_points(image_size: int = 112) -> np.ndarray:
@@ -47,7 +48,10 @@ def _points(points, what: str) -> np.ndarray:
     if p.ndim != 2 or p.shape[1] != 2 or p.shape[0] < 2:
         raise DcqError(f"{what}: expected (N, 2) points with N >= 2, got shape {p.shape}")
     if not np.all(np.isfinite(p)):
-        raise DcqError(f"{what}: points must be finite numbers, got {p.tolist()}")
+        raise DcqError(f"{what}: points must be finite numbers, got {str(p.tolist())[:200]}")
+    if np.abs(p).max() > MAX_COORDINATE:
+        raise DcqError(f"{what}: a coordinate of {np.abs(p).max():.3g} pixels is outside any photo "
+                       f"(|x|, |y| <= {MAX_COORDINATE:.0e}); check the landmark file")
     return p
 
 
@@ -107,19 +111,21 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     inv = np.linalg.inv(a)
     inv_t = -inv @ matrix[:, 2]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
-    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv_t[0]
-    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv_t[1]
     h, w = image.shape[:2]
+    # Source positions, clamped just outside the photo (all taps there are black either way), so
+    # that no coordinate is too large for an integer.
+    sx = np.clip(inv[0, 0] * xs + inv[0, 1] * ys + inv_t[0], -2.0, w + 1.0)
+    sy = np.clip(inv[1, 0] * xs + inv[1, 1] * ys + inv_t[1], -2.0, h + 1.0)
     x0, y0 = np.floor(sx), np.floor(sy)
     fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
     x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
-    # Pad by one black pixel on every side so that taps outside the photo read black.
-    padded = np.zeros((h + 2, w + 2, 3), dtype=np.float64)
-    padded[1:-1, 1:-1] = image
-    xa, xb = np.clip(x0 + 1, 0, w + 1), np.clip(x0 + 2, 0, w + 1)
-    ya, yb = np.clip(y0 + 1, 0, h + 1), np.clip(y0 + 2, 0, h + 1)
-    out = (padded[ya, xa] * (1 - fx) * (1 - fy) + padded[ya, xb] * fx * (1 - fy)
-           + padded[yb, xa] * (1 - fx) * fy + padded[yb, xb] * fx * fy)
+
+    def tap(yy, xx):  # the photo's pixels at (yy, xx), black outside it; gathered, the photo is not copied
+        inside = ((xx >= 0) & (xx < w) & (yy >= 0) & (yy < h))[..., None]
+        return np.where(inside, image[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)], 0).astype(np.float64)
+
+    out = (tap(y0, x0) * (1 - fx) * (1 - fy) + tap(y0, x0 + 1) * fx * (1 - fy)
+           + tap(y0 + 1, x0) * (1 - fx) * fy + tap(y0 + 1, x0 + 1) * fx * fy)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

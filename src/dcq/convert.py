@@ -159,12 +159,22 @@ def read_source(path: str | Path, where: str | None = None) -> tuple[str, dict[s
         return "dcq", load_checkpoint(path)  # again, through the checked loader (version, checksum)
     if isinstance(data, dict) and isinstance(data.get("state_dict_backbone"), dict):
         data = data["state_dict_backbone"]  # arcface_torch's checkpoint_gpu_N.pt
-    if not isinstance(data, dict) or not data or not all(torch.is_tensor(v) for v in data.values()):
-        raise DcqError(f"{where} is neither a dcq checkpoint nor a state_dict of tensors (as arcface_torch's "
+    if not isinstance(data, dict) or not data or not all(torch.is_tensor(v) for v in data.values()) \
+            or not all(isinstance(k, str) for k in data):
+        raise DcqError(f"{where} is neither a dcq checkpoint nor a state_dict of named tensors (as arcface_torch's "
                        "train_v2.py saves backbone.pth)")
     if all(k.startswith("module.") for k in data):
         data = {k.removeprefix("module."): v for k, v in data.items()}
+    check_finite(data, where)
     return "arcface", data
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or inf: a model converted from them embeds every face as NaN."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DcqError(f"{where}: weight {key[:100]!r} holds NaN or inf values; the model diverged or the file "
+                           "is damaged: convert a checkpoint from before that")
 
 
 # -- the two directions ------------------------------------------------------------------------------
@@ -199,7 +209,9 @@ def checkpoint_to_arcface(ckpt: dict[str, Any], prefer: str, where: str) -> tupl
         raise DcqError(f"{where} holds a {info['image_size']} px {info['backbone']}; arcface_torch's {arch} "
                        f"takes {ARCFACE_IMAGE_SIZE} px only, so its layers would not fit: train at "
                        f"image_size={ARCFACE_IMAGE_SIZE}")
-    return to_arcface(encoder.state_dict(), arch), {**info, "arch": arch}
+    state = to_arcface(encoder.state_dict(), arch)
+    check_finite(state, where)
+    return state, {**info, "arch": arch}
 
 
 def initial_state(path: str | Path, backbone: str, embedding_size: int, image_size: int) -> tuple[dict, str]:

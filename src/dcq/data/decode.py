@@ -8,6 +8,10 @@ Pillow's ``draft`` picks, so the pixels are the same (``tests/test_decode.py`` h
 Pillow still decodes PNG/BMP, CMYK/YCCK JPEGs and anything simplejpeg refuses, so every image either
 decodes exactly as Pillow decodes it or fails with the same message as before.
 
+Memory is bounded before decoding: an image whose decoded size (after the DCT-domain shrink) is over
+`MAX_DECODED_PIXELS` is refused from its header, by both decoders alike, so a few hundred bytes that
+claim 12000 x 12000 pixels cannot make a loader worker or `dcq align` allocate gigabytes.
+
 Which decoder: the ``decoder`` argument, else the ``DCQ_JPEG_DECODER`` environment variable
 (DataLoader workers inherit it), else ``auto``:
 
@@ -21,16 +25,21 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dcq.errors import DcqError
 
-__all__ = ["DECODERS", "ENV_VAR", "as_rgb_array", "decode_bytes", "draft_scale", "resize_image", "resolve_decoder"]
+__all__ = ["DECODERS", "ENV_VAR", "MAX_DECODED_PIXELS", "as_rgb_array", "decode_bytes", "draft_scale",
+           "image_header_size", "resize_image", "resolve_decoder"]
 
 DECODERS = ("auto", "turbo", "pil")
 ENV_VAR = "DCQ_JPEG_DECODER"
+# The most pixels decoded at once (8192 x 8192): Pillow holds 4 bytes a pixel and the array 3 more,
+# under 0.5 GB; a JPEG larger than this is decoded shrunk (draft) where its use allows it.
+MAX_DECODED_PIXELS = 1 << 26
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,25 @@ def _too_many_pixels(width: int, height: int) -> bool:
     return limit is not None and width * height > 2 * limit
 
 
+def _check_decoded_size(width: int, height: int, where: str) -> None:
+    """Refuse, before decoding, an image that would decode to more than `MAX_DECODED_PIXELS`."""
+    if width * height > MAX_DECODED_PIXELS:
+        loc = f" ({where})" if where else ""
+        raise DcqError(f"cannot decode image{loc}: {width}x{height} pixels, more than the {MAX_DECODED_PIXELS:,} "
+                       "dcq decodes at once (memory); downscale it, or train with on_bad_record='skip'")
+
+
+def image_header_size(data) -> tuple[int, int] | None:
+    """(width, height) from an image's header without decoding it; None when Pillow cannot tell."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as pil:
+                return pil.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        return None
+
+
 def _decode_turbo(sj, data, image_size: int | None) -> np.ndarray | None:
     """simplejpeg's decoding of a JPEG, or None where Pillow must decide (not YCbCr/grey, refused)."""
     try:
@@ -113,6 +141,8 @@ def _decode_turbo(sj, data, image_size: int | None) -> np.ndarray | None:
             return None
         s = draft_scale(width, height, image_size)
         h, w = -(-height // s), -(-width // s)
+        if h * w > MAX_DECODED_PIXELS:
+            return None  # Pillow refuses it with the same message
         img = sj.decode_jpeg(data, colorspace=out, min_height=h, min_width=w)
     except ValueError:  # corrupt or unsupported: Pillow decodes it or reports it as before
         return None
@@ -123,13 +153,18 @@ def _decode_turbo(sj, data, image_size: int | None) -> np.ndarray | None:
     return img
 
 
-def _decode_pil(data, image_size: int | None, where: str) -> np.ndarray:
+def _decode_pil(data, image_size: int | None, where: str, resize: bool = False) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as pil:
+        with warnings.catch_warnings():  # the size is checked below, against a lower bound than Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil = Image.open(io.BytesIO(data))
+        with pil:
             if image_size is not None and pil.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the stored image is much larger.
                 pil.draft("RGB", (image_size, image_size))
-            return np.array(pil.convert("RGB"))
+            _check_decoded_size(*pil.size, where)
+            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # no second full-size copy
+            return np.array(_resized(rgb, image_size) if resize and image_size is not None else rgb)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         loc = f" ({where})" if where else ""
         reason = "not a known image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
@@ -141,18 +176,21 @@ def _decode_pil(data, image_size: int | None, where: str) -> np.ndarray:
         ) from None
 
 
-def decode_bytes(data, image_size: int | None = None, *, where: str = "", decoder: str | None = None) -> np.ndarray:
+def decode_bytes(data, image_size: int | None = None, *, where: str = "", decoder: str | None = None,
+                 resize: bool = False) -> np.ndarray:
     """JPEG/PNG/BMP bytes -> uint8 HxWx3 RGB, JPEGs much larger than image_size shrunk while decoding.
 
     The result is what Pillow gives with ``draft("RGB", (image_size, image_size))`` and
-    ``convert("RGB")``; resizing to exactly image_size is the caller's (``decode_image``)."""
+    ``convert("RGB")``; resizing to exactly image_size is the caller's (``decode_image``), or, with
+    ``resize``, done here on Pillow's image before the array is made (the same pixels as
+    `resize_image`, without a full-size array next to Pillow's)."""
     if not isinstance(data, _BytesLike):
         raise DcqError(f"expected encoded image bytes, got {type(data).__name__}")
     if resolve_decoder(decoder) == "turbo" and bytes(data[:3]) == _JPEG_START:
         img = _decode_turbo(_turbo_module(), data, image_size)
         if img is not None:
-            return img
-    return _decode_pil(data, image_size, where)
+            return resize_image(img, image_size) if resize and image_size is not None else img
+    return _decode_pil(data, image_size, where, resize)
 
 
 def as_rgb_array(img: np.ndarray) -> np.ndarray:
@@ -177,7 +215,13 @@ def resize_image(img: np.ndarray, image_size: int) -> np.ndarray:
     h, w = img.shape[:2]
     if h == image_size and w == image_size:
         return img
-    pil = Image.fromarray(img)
+    return np.array(_resized(Image.fromarray(img), image_size))
+
+
+def _resized(pil, image_size: int):
+    """`resize_image` on a Pillow RGB image."""
+    w, h = pil.size
+    if h == image_size and w == image_size:
+        return pil
     shrinking = image_size < h or image_size < w
-    pil = pil.resize((image_size, image_size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
-    return np.array(pil)
+    return pil.resize((image_size, image_size), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)

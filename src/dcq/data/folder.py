@@ -58,7 +58,8 @@ class ImageFolderDataset(FaceSource):
     """One folder per identity (a `FaceSource`, like ``FaceRecordIO``).
 
     Folders without any image are skipped (they would be identities nobody can sample), and the
-    numbering counts only the folders kept.
+    numbering counts only the folders kept. A folder that cannot be read stops with one line naming
+    it: skipping it would silently renumber every identity after it.
     """
 
     def __init__(self, root):
@@ -71,8 +72,7 @@ class ImageFolderDataset(FaceSource):
         with os.scandir(self.root) as it:
             dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
         for name in dirs:
-            with os.scandir(os.path.join(self.root, name)) as it:
-                entries = list(it)
+            entries = _entries(os.path.join(self.root, name), f"identity folder {name!r}")
             files = sorted(e.name for e in entries if e.is_file() and is_image_file(e.name))
             for sub in sorted(e.path for e in entries if e.is_dir() and not e.name.startswith(".")):
                 if _any_image_below(sub):
@@ -132,6 +132,15 @@ class ImageFolderDataset(FaceSource):
         return f"ImageFolderDataset({self.root!r}, images={len(self)}, identities={self.num_identities})"
 
 
+def _entries(folder: str, what: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as exc:
+        raise DcqError(f"{folder}: cannot read {what} ({exc.strerror or exc}); fix its permissions or move it "
+                       "out of the dataset") from None
+
+
 def _any_image_below(folder: str) -> bool:
     for _dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -141,15 +150,15 @@ def _any_image_below(folder: str) -> bool:
 
 
 def _has_identity_folders(path: Path) -> bool:
-    try:
-        with os.scandir(path) as it:
-            for e in it:
-                if e.is_dir() and not e.name.startswith("."):
-                    with os.scandir(e.path) as inner:
-                        if any(f.is_file() and is_image_file(f.name) for f in inner):
-                            return True
-    except OSError:
-        return False
+    """Whether ``path`` holds a folder with images; an unreadable one counts (the dataset then names it)."""
+    for e in _entries(str(path), "the dataset folder"):
+        if e.is_dir() and not e.name.startswith("."):
+            try:
+                with os.scandir(e.path) as inner:
+                    if any(f.is_file() and is_image_file(f.name) for f in inner):
+                        return True
+            except OSError:
+                return True
     return False
 
 

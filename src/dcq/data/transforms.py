@@ -43,7 +43,7 @@ def decode_image(data, image_size: int | None = None, *, where: str = "", decode
     if isinstance(data, np.ndarray):
         img = as_rgb_array(data)
     elif isinstance(data, _BytesLike):
-        img = decode_bytes(data, image_size, where=where, decoder=decoder)
+        img = decode_bytes(data, image_size, where=where, decoder=decoder, resize=True)
     else:
         raise DcqError(f"expected encoded image bytes or a uint8 numpy array, got {type(data).__name__}")
     if image_size is not None:

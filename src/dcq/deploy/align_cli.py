@@ -4,9 +4,10 @@ Each photo with a line in the landmark file is warped by `dcq.align.align_face` 
 template and written as a lossless PNG under DIR (the path inside its input folder, or the file
 name for a file given directly, with ``.png``), so the crops embed exactly as the on-the-fly
 alignment of ``dcq embed --onnx --landmarks``. Files without landmarks or that cannot be decoded
-are listed (and in DIR/failed.txt), not fatal. Without ``--landmarks`` the faces are found by
-`dcq detect`'s detector first: one crop per face (``NAME.png`` for the largest, ``NAME#1.png``, ...
-for the others; ``--largest`` keeps one). No torch.
+are listed (and in DIR/failed.txt, one ``path<TAB>reason`` per line, the path with control
+characters and bytes that are not UTF-8 escaped so that no name can split a line), not fatal.
+Without ``--landmarks`` the faces are found by `dcq detect`'s detector first: one crop per face
+(``NAME.png`` for the largest, ``NAME#1.png``, ... for the others; ``--largest`` keeps one). No torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import io
 from pathlib import Path
 
 from dcq.atomic import atomic_write
-from dcq.errors import DcqError
+from dcq.errors import DcqError, printable
 
 
 def configure_align(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,8 @@ def run_align(args: argparse.Namespace) -> int:
     for f in files:
         name = output_name(f, roots)
         if name in targets:
-            raise DcqError(f"{f} and {targets[name]} would both be written to {out / name}; rename one of them")
+            raise DcqError(f"{printable(f)} and {printable(targets[name])} would both be written to "
+                           f"{printable(out / name)}; rename one of them")
         targets[name] = f
     failed = []
     written = 0
@@ -73,7 +75,7 @@ def run_align(args: argparse.Namespace) -> int:
             crops = (detected_crops(detector, f, name, args.size, args.largest) if detector
                      else [(name, load_crop(f, args.size, lookup(f)))])
         except BadImage as exc:
-            failed.append(f"{f}\t{exc}")
+            failed.append(f"{printable(f)}\t{printable(exc)}")
             continue
         for crop_name, crop in crops:
             buffer = io.BytesIO()
@@ -82,8 +84,8 @@ def run_align(args: argparse.Namespace) -> int:
             written += 1
     if failed:
         atomic_write(out / "failed.txt", lambda fh: fh.write("".join(line + "\n" for line in failed).encode()))
-    print(f"wrote {written} aligned {args.size}x{args.size} crops to {out}"
-          + (f"; {len(failed)} files skipped (listed in {out / 'failed.txt'}):" if failed else ""))
+    print(f"wrote {written} aligned {args.size}x{args.size} crops to {printable(out)}"
+          + (f"; {len(failed)} files skipped (listed in {printable(out / 'failed.txt')}):" if failed else ""))
     for line in failed[:10]:
         print("  " + line.replace("\t", ": "))
     return 0

@@ -7,10 +7,11 @@ that only serves a model needs numpy, Pillow and onnxruntime.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from dcq.errors import DcqError
+from dcq.errors import DcqError, printable
 
 
 def add_onnx_options(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +93,7 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
     if advice == "true" and not flip:
         print("note: the model's metadata recommends the flip test; --no-flip gives other embeddings",
               file=sys.stderr)
-    print(f"model: {embedder.path} ({embedder.image_size} px, {embedder.embedding_size}-d, "
+    print(f"model: {printable(embedder.path)} ({embedder.image_size} px, {embedder.embedding_size}-d, "
           f"{embedder.metadata.get('dcq.encoder', 'no dcq metadata: insightface preprocessing')}); "
           f"{len(files)} images")
     manifest = embed_collection(embedder, files, out, batch_size=args.batch_size, flip=flip,
@@ -100,12 +101,13 @@ def run_onnx_embed(args: argparse.Namespace) -> int:
                                 aligned_by=aligned_by,
                                 progress=sys.stderr.isatty())
     failed = manifest["failed"]
-    print(f"{out}: {manifest['rows']} embeddings in {len(manifest['shards'])} shards ({out / 'manifest.json'}); "
+    print(f"{printable(out)}: {manifest['rows']} embeddings in {len(manifest['shards'])} shards "
+          f"({printable(out / 'manifest.json')}); "
           f"{len(failed)} files could not be embedded" + (":" if failed else ""))
     for f in failed[:10]:
-        print(f"  {f['path']}: {f['reason']}")
+        print(f"  {printable(f['path'])}: {printable(f['reason'])}")
     if len(failed) > 10:
-        print(f"  ... {len(failed) - 10} more in {out / 'manifest.json'} ('failed')")
+        print(f"  ... {len(failed) - 10} more in {printable(out / 'manifest.json')} ('failed')")
     return 0
 
 
@@ -137,6 +139,10 @@ def run_embed(args: argparse.Namespace) -> int:
     if out.suffix != ".npy":
         raise DcqError(f"--out {out}: must end in .npy (names are written to {out.with_suffix('.txt').name})")
     files = collect_images(args.images)
+    for f in files:  # one name per line in NAME.txt: a name that breaks lines would shift every later row
+        if len(str(f).splitlines()) > 1 or str(f).endswith(("\n", "\r")):
+            raise DcqError(f"{printable(f)}: a file name with a line break cannot be listed one per line in "
+                           f"{out.with_suffix('.txt').name}; rename it, or use `dcq embed --onnx` (JSON names)")
     model = CheckpointEncoder(args.checkpoint, torch_device(args.device, args.batch_size), args.batch_size,
                               flip=not args.no_flip)
     names_path = out.with_suffix(".txt")
@@ -154,6 +160,6 @@ def run_embed(args: argparse.Namespace) -> int:
             emb[start:start + len(batch)] = e
             bar.update(len(batch))
     atomic_write(out, lambda f: np.save(f, emb, allow_pickle=False))
-    atomic_write(names_path, lambda f: f.write("".join(f"{p}\n" for p in files).encode()))
+    atomic_write(names_path, lambda f: f.write(b"".join(os.fsencode(p) + b"\n" for p in files)))  # exact bytes
     print(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]} float32) and {names_path}")
     return 0

@@ -27,6 +27,12 @@ class EmbeddingSet:
     parts: list[np.ndarray]  # (rows, d) float arrays in row order (memory-mapped)
     names: list[str] | None  # the image of each row, when the set records it
     fingerprint: str | None  # the model's fingerprint (`dcq.deploy.metadata.model_fingerprint`), when known
+    preprocessing: dict | None = None  # colour order, mean and std the rows were embedded with, when known
+    flip: bool | None = None  # whether the rows are flip-test sums, when known
+
+    def origin(self) -> dict:
+        """What a gallery records and checks of where rows came from."""
+        return {"fingerprint": self.fingerprint, "preprocessing": self.preprocessing, "flip": self.flip}
 
     @property
     def rows(self) -> int:
@@ -70,7 +76,7 @@ def read_embedding_set(path, model=None, option: str = "", check_finite: bool = 
     ``model``: the ``.onnx`` the rows were embedded with; for a folder it is checked against the
     manifest, for an ``.npy`` its fingerprint becomes the set's. ``option`` (e.g. "--distractors")
     starts every error line, so the user knows which argument to fix."""
-    from dcq.deploy.metadata import fingerprint_of
+    from dcq.deploy.metadata import fingerprint_of, preprocessing_of
 
     path = Path(path)
     where = f"{option} {path}".strip()
@@ -79,6 +85,7 @@ def read_embedding_set(path, model=None, option: str = "", check_finite: bool = 
 
         parts, names, manifest = read_shards(path)
         fingerprint = manifest.get("fingerprint")
+        preprocessing, flip = manifest.get("preprocessing"), manifest.get("flip")
         if not parts:  # nothing embedded yet: no rows, of the manifest's size
             parts = [np.empty((0, int(manifest.get("embedding_size") or 0)), dtype=np.float32)]
         if model is not None and fingerprint_of(model) != fingerprint:
@@ -86,8 +93,9 @@ def read_embedding_set(path, model=None, option: str = "", check_finite: bool = 
     elif path.is_file():
         parts, names = [_load_npy(path, where)], None
         fingerprint = fingerprint_of(model) if model is not None else None
+        preprocessing, flip = (preprocessing_of(model) if model is not None else None), None
     else:
         raise DcqError(f"{where}: no such embedding file or folder; make one with `dcq embed MODEL IMAGES... "
                        "--out FILE.npy` (or `dcq embed --onnx MODEL IMAGES... --out DIR`)")
     _check(parts, where, check_finite)
-    return EmbeddingSet(path, parts, names, fingerprint)
+    return EmbeddingSet(path, parts, names, fingerprint, preprocessing, flip)

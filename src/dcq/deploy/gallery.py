@@ -13,8 +13,9 @@ was trained for. Three kinds:
 
 The approximate kinds trade recall for speed; `benchmarks/gallery_speed.py` measures both (see
 docs/results.md, "Gallery search"). Row ids are the order of enrolment, across additions. The
-file keeps the embedding size and the fingerprint of the model, and a query from another model
-is refused: its similarities to the gallery would mean nothing.
+file keeps the embedding size, the fingerprint of the model, the preprocessing it was fed with
+(colour order, mean, std) and whether the flip test was used, and a query made otherwise is
+refused: its similarities to the gallery would mean nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 
 import numpy as np
 
-from dcq.deploy.gallery_store import read_store, write_store
+from dcq.deploy.gallery_store import damaged, read_store, write_store
 from dcq.errors import DcqError
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
@@ -147,10 +148,12 @@ class Gallery:
     """Enrolled embeddings and their index. Make one with `build`, open one with `load`."""
 
     def __init__(self, kind: str, embedding_size: int, fingerprint: str | None, params: dict,
-                 labels: list[str] | None, vectors: np.ndarray | None = None, index=None, count: int = 0):
+                 labels: list[str] | None, vectors: np.ndarray | None = None, index=None, count: int = 0,
+                 preprocessing: dict | None = None, flip: bool | None = None):
         self.kind, self.embedding_size, self.fingerprint = kind, int(embedding_size), fingerprint
         self.params, self.labels, self.vectors, self.index = dict(params), labels, vectors, index
         self.count = int(count)
+        self.preprocessing, self.flip = preprocessing, flip  # None: not known (an .npy without --model)
         self._flat = None  # the faiss IndexFlatIP of a flat gallery, made on first search
         self._parts: list = []  # faiss objects a wrapper index points to, kept alive with it
 
@@ -158,7 +161,8 @@ class Gallery:
     @classmethod
     def build(cls, emb, labels: list[str] | None = None, fingerprint: str | None = None, kind: str = "flat",
               nlist: int | None = None, nprobe: int = 64, hnsw_m: int = 32, ef_construction: int = 80,
-              ef_search: int = 128, pq_m: int | None = None, k_factor: int = 100, seed: int = 0) -> Gallery:
+              ef_search: int = 128, pq_m: int | None = None, k_factor: int = 100, seed: int = 0,
+              preprocessing: dict | None = None, flip: bool | None = None) -> Gallery:
         if kind not in KINDS:
             raise DcqError(f"--index {kind}: choose one of {', '.join(KINDS)}")
         _positive(nprobe=nprobe, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
@@ -196,13 +200,15 @@ class Gallery:
             g = cls(kind, d, fingerprint, params, None, index=index)
             g._parts = [base] if kind == "ivfpq" else []
         g.labels = [] if labels is not None else None
-        g.add(x, labels, fingerprint)
+        g.preprocessing, g.flip = preprocessing, flip
+        g.add(x, labels, fingerprint, preprocessing, flip)
         return g
 
-    def add(self, emb, labels: list[str] | None = None, fingerprint: str | None = None) -> None:
+    def add(self, emb, labels: list[str] | None = None, fingerprint: str | None = None,
+            preprocessing: dict | None = None, flip: bool | None = None) -> None:
         """Enrol more rows (ids continue after the last one)."""
         x = unit_rows(emb, "added embeddings")
-        self.check_model(x.shape[1], fingerprint, "the added embeddings")
+        self.check_model(x.shape[1], fingerprint, "the added embeddings", preprocessing, flip)
         if (labels is None) != (self.labels is None):
             have = "has labels: give --labels for the added rows" if self.labels is not None else \
                 "has no labels: add rows without --labels"
@@ -218,8 +224,10 @@ class Gallery:
             self.labels += [str(v) for v in labels]
         self.count += len(x)
 
-    def check_model(self, d: int, fingerprint: str | None, what: str) -> None:
-        """Refuse embeddings of another size or from another model than the gallery's."""
+    def check_model(self, d: int, fingerprint: str | None, what: str, preprocessing: dict | None = None,
+                    flip: bool | None = None) -> None:
+        """Refuse embeddings of another size, from another model, or made with other preprocessing
+        or flip setting than the gallery's (each checked where both sides know it)."""
         if d != self.embedding_size:
             raise DcqError(f"{what} are {d}-d, the gallery's are {self.embedding_size}-d: they come from another "
                            "model; embed them with the gallery's model")
@@ -232,18 +240,26 @@ class Gallery:
         if fingerprint != self.fingerprint:
             raise DcqError(f"{what} come from model {fingerprint}, the gallery from model {self.fingerprint}; "
                            "embed them with the gallery's model")
+        if preprocessing is not None and self.preprocessing is not None and preprocessing != self.preprocessing:
+            raise DcqError(f"{what} were made with preprocessing {_shown(preprocessing)}, the gallery with "
+                           f"{_shown(self.preprocessing)} (the model's dcq.* metadata differs); embed them with "
+                           "the model file the gallery was built with")
+        if flip is not None and self.flip is not None and flip != self.flip:
+            raise DcqError(f"{what} were made {'with' if flip else 'without'} the flip test, the gallery "
+                           f"{'with' if self.flip else 'without'} it; embed them "
+                           f"{'without --no-flip' if self.flip else 'with --no-flip'}")
 
     # ------------------------------------------------------------------ searching
     def search(self, queries, k: int = 10, fingerprint: str | None = None, nprobe: int | None = None,
-               ef_search: int | None = None, engine: str = "auto",
-               k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, engine: str = "auto", k_factor: int | None = None,
+               preprocessing: dict | None = None, flip: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores), each (Q, min(k, count)), best first. ``engine`` (flat only): auto (faiss
         when installed), faiss or numpy."""
         if k < 1:
             raise DcqError(f"-k {k}: ask for 1 or more neighbours")
         _positive(nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
         q = unit_rows(queries, "queries")
-        self.check_model(q.shape[1], fingerprint, "the queries")
+        self.check_model(q.shape[1], fingerprint, "the queries", preprocessing, flip)
         k = min(int(k), self.count)
         if self.kind == "flat":
             if engine == "numpy" or (engine == "auto" and not have_faiss()):
@@ -271,6 +287,7 @@ class Gallery:
     def save(self, path) -> None:
         header = {"format": FORMAT, "kind": self.kind, "embedding_size": self.embedding_size,
                   "fingerprint": self.fingerprint, "count": self.count, "params": self.params,
+                  "preprocessing": self.preprocessing, "flip": self.flip,
                   "metric": "inner product of L2-normalised embeddings (cosine)", "labels": self.labels is not None}
         arrays = {}
         if self.kind == "flat":
@@ -284,20 +301,44 @@ class Gallery:
 
     @classmethod
     def load(cls, path) -> Gallery:
+        """The gallery in file ``path``; its digest and header (count, shapes, dtypes) checked."""
         header, arrays = read_store(path)
         if header.get("format") != FORMAT or header.get("kind") not in KINDS:
-            raise DcqError(f"{path}: gallery format {header.get('format')!r} / kind {header.get('kind')!r} is not "
-                           "one this dcq reads; build it again")
-        labels = json.loads(bytes(arrays["labels"]).decode()) if header.get("labels") else None
-        kind = header["kind"]
+            raise DcqError(f"{path}: gallery format {_shown(header.get('format'))} / kind "
+                           f"{_shown(header.get('kind'))} is not one this dcq reads; build it again")
+        kind, d, count = header["kind"], header.get("embedding_size"), header.get("count")
+        if type(d) is not int or type(count) is not int or d < 1 or count < 0 or not isinstance(
+                header.get("params", {}), dict) or not isinstance(header.get("fingerprint"), (str, type(None))):
+            raise damaged(path, "its header's embedding_size, count, params or fingerprint")
+        labels = None
+        if header.get("labels"):
+            try:
+                labels = json.loads(bytes(arrays["labels"]).decode())
+            except (KeyError, UnicodeDecodeError, ValueError, RecursionError):
+                labels = None
+            if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+                raise damaged(path, "its labels")
         vectors, index = None, None
         if kind == "flat":
-            vectors = arrays["vectors"]
+            vectors = arrays.get("vectors")
+            if vectors is None or vectors.dtype != np.float32 or vectors.shape != (count, d):
+                have = "none" if vectors is None else f"{vectors.dtype} {vectors.shape}"
+                raise damaged(path, f"the header says {count} x {d} float32 vectors, the file holds {have}")
         else:
             faiss = load_faiss(f"{path} (an {kind} gallery)")
-            index = faiss.deserialize_index(np.array(arrays["index"]))
-        g = cls(kind, header["embedding_size"], header.get("fingerprint"), header.get("params", {}), labels,
-                vectors=vectors, index=index, count=header["count"])
+            try:
+                index = faiss.deserialize_index(np.array(arrays["index"]))
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise damaged(path, f"its faiss index cannot be read: {str(exc).splitlines()[0][:100]}") from None
+            if index.ntotal != count or index.d != d:
+                raise damaged(path, f"the header says {count} x {d}, its index holds {index.ntotal} x {index.d}")
+        g = cls(kind, d, header.get("fingerprint"), header.get("params", {}), labels, vectors=vectors, index=index,
+                count=count, preprocessing=header.get("preprocessing"), flip=header.get("flip"))
         if labels is not None and len(labels) != g.count:
             raise DcqError(f"{path}: {len(labels)} labels for {g.count} rows; build the gallery again")
         return g
+
+
+def _shown(value) -> str:
+    """A header or preprocessing value for a message, cut short."""
+    return repr(value)[:160]

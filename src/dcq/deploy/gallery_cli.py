@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from dcq.atomic import ensure_writable, write_json
-from dcq.errors import DcqError
+from dcq.errors import DcqError, printable
+from dcq.lock import FileLock, remove_stale_temporaries
 
 
 def configure_gallery(parser: argparse.ArgumentParser) -> None:
@@ -77,30 +78,49 @@ def read_labels(path, rows: int) -> list[str]:
     return labels
 
 
-def read_embedding_input(path, model=None) -> tuple[np.ndarray, list[str] | None, str | None]:
-    """(embeddings, image paths or None, model fingerprint or None) of a `dcq embed` output."""
+def read_embedding_input(path, model=None) -> tuple[np.ndarray, list[str] | None, dict]:
+    """(embeddings, image paths or None, origin) of a `dcq embed` output; origin holds the model's
+    ``fingerprint``, the ``preprocessing`` and ``flip`` used (each None where not known)."""
     from dcq.deploy.embedding_set import read_embedding_set
 
     found = read_embedding_set(path, model, check_finite=False)  # the gallery refuses bad rows itself
-    return found.array(), found.names, found.fingerprint
+    return found.array(), found.names, found.origin()
+
+
+def lock_gallery(path: Path) -> FileLock:
+    """Lock gallery file ``path`` for a read-modify-write (``.NAME.lock`` beside it), so that two
+    `build`/`add` at once cannot drop each other's rows; removes temporaries a killed writer left."""
+    lock = FileLock(path.parent / f".{path.name}.lock", f"gallery {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire("another dcq gallery build/add", "wait for it to finish, then run this again")
+    except OSError as exc:
+        raise DcqError(f"cannot write gallery {path}: {exc.strerror or exc}") from None
+    lock.record_holder()
+    remove_stale_temporaries(path.parent, path.name)
+    return lock
 
 
 def _build(args) -> int:
     from dcq.deploy.gallery import Gallery
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DcqError(f"--out {out} exists; `dcq gallery add {out} EMB` adds to it, --overwrite replaces it")
-    ensure_writable(out)
-    emb, paths, fingerprint = read_embedding_input(args.embeddings, args.model)
-    labels = read_labels(args.labels, len(emb)) if args.labels else paths
-    g = Gallery.build(emb, labels=labels, fingerprint=fingerprint, kind=args.index, nlist=args.nlist,
-                      nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                      ef_search=args.ef_search, pq_m=args.pq_m, k_factor=args.k_factor)
-    g.save(out)
+    if out.is_dir():
+        raise DcqError(f"cannot write {out}: it is a folder; give a file name")
+    with lock_gallery(out):
+        if out.exists() and not args.overwrite:
+            raise DcqError(f"--out {out} exists; `dcq gallery add {out} EMB` adds to it, --overwrite replaces it")
+        ensure_writable(out)
+        emb, paths, origin = read_embedding_input(args.embeddings, args.model)
+        labels = read_labels(args.labels, len(emb)) if args.labels else paths
+        g = Gallery.build(emb, labels=labels, fingerprint=origin["fingerprint"], kind=args.index, nlist=args.nlist,
+                          nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                          ef_search=args.ef_search, pq_m=args.pq_m, k_factor=args.k_factor,
+                          preprocessing=origin["preprocessing"], flip=origin["flip"])
+        g.save(out)
     params = "".join(f" {k}={v}" for k, v in g.params.items())
     print(f"wrote {out}: {g.count} embeddings ({g.embedding_size}-d), {g.kind} index{params}, "
-          f"model {fingerprint or 'unknown (no --model: queries cannot be checked against it)'}"
+          f"model {origin['fingerprint'] or 'unknown (no --model: queries cannot be checked against it)'}"
           f"{', labelled' if labels is not None else ''}")
     return 0
 
@@ -108,17 +128,21 @@ def _build(args) -> int:
 def _add(args) -> int:
     from dcq.deploy.gallery import Gallery
 
-    g = Gallery.load(args.gallery)
-    emb, paths, fingerprint = read_embedding_input(args.embeddings, args.model)
-    labels = read_labels(args.labels, len(emb)) if args.labels else (paths if g.labels is not None else None)
-    before = g.count
-    g.add(emb, labels, fingerprint)
-    g.save(args.gallery)
+    path = Path(args.gallery)
+    if not path.is_file():
+        raise DcqError(f"{path}: no gallery file; make one with `dcq gallery build EMB --out {path}`")
+    with lock_gallery(path):  # read, add and replace under the lock: no other add can slip in between
+        g = Gallery.load(path)
+        emb, paths, origin = read_embedding_input(args.embeddings, args.model)
+        labels = read_labels(args.labels, len(emb)) if args.labels else (paths if g.labels is not None else None)
+        before = g.count
+        g.add(emb, labels, origin["fingerprint"], origin["preprocessing"], origin["flip"])
+        g.save(path)
     print(f"added rows {before}..{g.count - 1} to {args.gallery} ({g.count} embeddings)")
     return 0
 
 
-def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, str | None]:
+def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, dict]:
     if args.onnx is None:
         if args.detect or args.landmarks:
             raise DcqError("--detect and --landmarks embed query photos: give the model with --onnx MODEL")
@@ -126,6 +150,7 @@ def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, str | None]:
             raise DcqError("give one query embedding file or folder, or image files with --onnx MODEL")
         return read_embedding_input(args.queries[0], args.model)
     from dcq.deploy.embed_cli import detected_landmarks, landmark_lookup, open_embedder
+    from dcq.deploy.metadata import preprocessing_record
     from dcq.deploy.photos import BadImage, load_crop
     from dcq.data.folder import collect_images
 
@@ -134,21 +159,24 @@ def _queries(args, gallery) -> tuple[np.ndarray, list[str] | None, str | None]:
         lookup = detected_landmarks(args.landmarks)[0]
     files = collect_images(args.queries)
     embedder = open_embedder(args.onnx)
-    gallery.check_model(embedder.embedding_size, embedder.fingerprint, f"embeddings of {args.onnx}")
+    origin = {"fingerprint": embedder.fingerprint, "preprocessing": preprocessing_record(embedder.preprocessing),
+              "flip": not args.no_flip}
+    gallery.check_model(embedder.embedding_size, embedder.fingerprint, f"embeddings of {args.onnx}",
+                        origin["preprocessing"], origin["flip"])
     crops, names = [], []
     for f in files:
         try:
             crops.append(load_crop(f, embedder.image_size, lookup(f) if lookup else None))
             names.append(str(f))
         except BadImage as exc:
-            print(f"skipped {f}: {exc}", file=sys.stderr)
+            print(f"skipped {printable(f)}: {exc}", file=sys.stderr)
     if not crops:
         raise DcqError("none of the query images could be embedded (see the lines above)")
     if args.batch_size < 1:
         raise DcqError(f"--batch-size must be >= 1, got {args.batch_size}")
     emb = np.concatenate([embedder.embed(np.stack(crops[i:i + args.batch_size]), flip=not args.no_flip)
                           for i in range(0, len(crops), args.batch_size)])
-    return emb, names, embedder.fingerprint
+    return emb, names, origin
 
 
 def _search(args) -> int:
@@ -157,9 +185,10 @@ def _search(args) -> int:
     if args.json:
         ensure_writable(args.json)
     g = Gallery.load(args.gallery)
-    queries, names, fingerprint = _queries(args, g)
-    ids, scores = g.search(queries, args.k, fingerprint=fingerprint, nprobe=args.nprobe, ef_search=args.ef_search,
-                           k_factor=args.k_factor)
+    queries, names, origin = _queries(args, g)
+    ids, scores = g.search(queries, args.k, fingerprint=origin["fingerprint"], nprobe=args.nprobe,
+                           ef_search=args.ef_search, k_factor=args.k_factor, preprocessing=origin["preprocessing"],
+                           flip=origin["flip"])
     result = {"ids": ids.tolist(), "scores": [[round(float(s), 6) for s in row] for row in scores]}
     if g.labels is not None:
         result["labels"] = [[g.labels[i] if i >= 0 else None for i in row] for row in ids.tolist()]
@@ -168,8 +197,9 @@ def _search(args) -> int:
     if args.k > g.count:
         print(f"note: the gallery holds {g.count} embeddings; -k {args.k} gives {g.count} each", file=sys.stderr)
     for q in range(min(len(ids), 10)):
-        who = names[q] if names is not None else f"query {q}"
-        hits = ", ".join(f"{result['labels'][q][j] if 'labels' in result else ids[q, j]} ({scores[q, j]:.3f})"
+        who = printable(names[q]) if names is not None else f"query {q}"
+        hits = ", ".join(f"{printable(result['labels'][q][j]) if 'labels' in result else ids[q, j]} "
+                         f"({scores[q, j]:.3f})"
                          for j in range(min(3, ids.shape[1])))
         print(f"{who}: {hits}")
     if len(ids) > 10:

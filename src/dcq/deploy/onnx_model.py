@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcq.deploy.metadata import Preprocessing, model_fingerprint, read_preprocessing
+from dcq.deploy.metadata import Preprocessing, check_external_data, model_fingerprint, read_preprocessing
 from dcq.errors import DcqError
 
 
@@ -29,6 +29,7 @@ class OnnxEmbedder:
         self.path = Path(path)
         if not self.path.is_file():
             raise DcqError(f"{self.path}: ONNX model not found; make one with `dcq export CKPT --onnx {self.path}`")
+        check_external_data(self.path)  # before onnxruntime reads a file that declares more than it holds
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)

@@ -6,7 +6,9 @@ A job over a photo collection must not stop at its first broken file, so `load_c
 than the crop shrunk while decoding), and crops given as aligned images resized by the same
 `dcq.data.decode.resize_image` as `dcq embed CKPT` (box filter when shrinking, bilinear when
 enlarging), so the two paths embed the same pixels. Photos with landmarks are warped by `dcq.align`
-at full resolution. numpy and Pillow only.
+at full resolution, except a JPEG over `dcq.data.decode.MAX_DECODED_PIXELS`, which is decoded shrunk
+by 2, 4 or 8 (libjpeg's DCT scaling) with its landmarks scaled alike, so memory stays bounded; other
+formats that large are refused. numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dcq.align import align_face
-from dcq.data.decode import decode_bytes, resize_image
+from dcq.data.decode import MAX_DECODED_PIXELS, decode_bytes, draft_scale, image_header_size, resize_image
 from dcq.deploy.orientation import upright
 from dcq.errors import DcqError
 
@@ -25,10 +27,9 @@ class BadImage(Exception):
     """A file that cannot be embedded (unreadable, undecodable, no landmarks); the message says why."""
 
 
-def _decode(data: bytes, size: int | None) -> np.ndarray:
-
+def _decode(data: bytes, size: int | None, resize: bool = False) -> np.ndarray:
     try:
-        return decode_bytes(data, size)
+        return decode_bytes(data, size, resize=resize)
     except DcqError as exc:  # its advice is for training records; keep what went wrong
         raise BadImage(str(exc).split(";")[0]) from None
 
@@ -52,12 +53,29 @@ def load_crop(path: Path, size: int, landmarks: np.ndarray | None = None) -> np.
     """uint8 (size, size, 3) RGB: the photo at ``path`` (upright by its EXIF orientation) aligned by
     its 5 ``landmarks``, or, without landmarks, the file taken as an aligned crop and resized.
     Raises `BadImage`."""
+    data = _read(path)
     if landmarks is None:
-        return resize_image(_decode(_read(path), size), size)
+        return resize_image(_decode(data, size, resize=True), size)
     try:
-        return align_face(load_photo(path), landmarks, size)
+        photo, landmarks = _decode_photo(data, np.asarray(landmarks, dtype=np.float64))
+        return align_face(upright(data, photo), landmarks, size)
     except DcqError as exc:
         raise BadImage(str(exc)) from None
+
+
+def _decode_photo(data: bytes, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The photo decoded whole, or, when that is over the pixel bound, a JPEG shrunk by the
+    smallest factor that fits, with the landmarks in the shrunk photo's pixels (the mapping is the
+    same in the upright frame, to within a shrunk pixel where a side is not a multiple of the factor)."""
+    size = image_header_size(data)
+    if size is None or size[0] * size[1] <= MAX_DECODED_PIXELS:
+        return _decode(data, None), landmarks
+    width, height = size
+    factor = next((k for k in (2, 4, 8) if -(-width // k) * -(-height // k) <= MAX_DECODED_PIXELS), 8)
+    target = min(width, height) // factor  # what makes the decoder's draft shrink by `factor`
+    scale = draft_scale(width, height, target)
+    # DCT scaling by s averages s x s blocks: pixel i of the shrunk photo is centred at s*i + (s-1)/2
+    return _decode(data, target), (landmarks - (scale - 1) / 2) / scale
 
 
 class LandmarkLookup:

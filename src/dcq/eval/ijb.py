@@ -133,8 +133,11 @@ def _read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         try:
             tids.append(int(fields[1]))
             mids.append(int(fields[2]))
+            if not (abs(tids[-1]) < 2**63 and abs(mids[-1]) < 2**63):
+                raise ValueError
         except ValueError:
-            raise DcqError(f"{path}:{number}: template and media ids must be integers: {' '.join(fields)[:100]}") \
+            raise DcqError(f"{path}:{number}: template and media ids must be integers below 2^63: "
+                           f"{' '.join(fields)[:100]}") \
                 from None
         names.append(fields[0])
     return names, np.asarray(tids, dtype=np.int64), np.asarray(mids, dtype=np.int64)
@@ -149,7 +152,9 @@ def _parse_int_lines(path: Path, text: bytes, first_line: int, ncols: int) -> np
             values = np.fromstring(text, dtype=np.int64, sep=" ")  # text mode: whitespace-separated
         except (ValueError, DeprecationWarning):
             values = None
-    if values is not None and values.size == rows * ncols:
+    limits = np.iinfo(np.int64)
+    if values is not None and values.size == rows * ncols and not (
+            (values == limits.max) | (values == limits.min)).any():  # numpy clips out-of-range ids silently
         return values.reshape(rows, ncols)
     out = []
     for k, line in enumerate(text.decode("utf-8", "replace").splitlines()):
@@ -160,6 +165,8 @@ def _parse_int_lines(path: Path, text: bytes, first_line: int, ncols: int) -> np
             if len(fields) != ncols:
                 raise ValueError
             out.append([int(v) for v in fields])
+            if max(abs(v) for v in out[-1]) >= 2**63:
+                raise ValueError
         except ValueError:
             raise DcqError(f"{path}:{first_line + k}: expected {ncols} integers ('t1 t2 label'), got "
                            f"{line.strip()[:100]!r}") from None
@@ -232,6 +239,9 @@ def read_ijb_meta(root, name: str = "ijbc") -> IJBMeta:
             raise DcqError(f"{files[1]}: {image} has no faceness score (12th field); IJB pooling weights crops "
                            "by it")
         points[i], faceness[i] = entry
+        if not faceness[i] > 0:  # a weight of 0 or less would drop or invert the crop in its template
+            raise DcqError(f"{files[1]}: {image} has faceness {faceness[i]:g}; IJB pooling weights crops by this "
+                           "detector score, which must be > 0: fix the landmark file")
     pairs, labels = _read_pairs(files[2])
     if len(labels) == 0:
         raise DcqError(f"{files[2]}: holds no template pairs")
@@ -333,15 +343,18 @@ class IJBEvaluation:
 
 
 def _load_crop(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from dcq.data.decode import decode_bytes
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DcqError(f"{path}: face crop not found (listed in the IJB meta files)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DcqError(f"{path}: cannot decode the face crop ({exc})") from None
+    except OSError as exc:
+        raise DcqError(f"{path}: cannot read the face crop ({exc.strerror or exc})") from None
+    try:  # the loader's decoder: its pixel bound refuses a crop too large to decode (memory)
+        return decode_bytes(data, None, where=str(path))
+    except DcqError as exc:
+        raise DcqError(f"{str(exc).split(';')[0]}; fix or replace the face crop") from None
 
 
 def embed_templates(model, meta: IJBMeta, batch_size: int = 256, progress: bool = False,

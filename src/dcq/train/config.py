@@ -3,6 +3,11 @@
 Unknown keys and values of the wrong type or out of range are rejected with one line that names the
 key, the value, and what is allowed, so a typo can never silently train the wrong model.
 
+Every number has a range (`LIMITS`): a value such as ``seed=1e100`` or ``lr=1e308`` stops here, not
+in a traceback deep inside torch. Values are quoted shortened in messages (`shown`), and the YAML
+reader refuses what could exhaust memory or hide a mistake: alias expansion beyond `MAX_YAML_NODES`
+nodes, nesting deeper than `MAX_YAML_DEPTH`, and a key given twice.
+
 Renamed keys keep working: ``momentum`` (the weight generator's EMA) is read as
 ``generator_momentum``, ``train`` as ``train_data``, and a fractional ``queue_size`` (< 1) as
 ``queue_fraction``; each such key prints one note on stderr.
@@ -22,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from dcq.errors import DcqError
+from dcq.errors import DcqError, shown
+from dcq.train.strict_yaml import read_yaml
 
 
 @dataclass
@@ -93,6 +99,7 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a rank waits in a collective before it gives up (lost rank)
 
     def validate(self) -> TrainConfig:
+        self._check_ranges()
         from dcq.heads.registry import HEADS
 
         choices = {
@@ -106,7 +113,7 @@ class TrainConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise DcqError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+                raise DcqError(f"config: {key}={shown(getattr(self, key))} is not one of {', '.join(allowed)}")
         for key, value in self.to_dict().items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise DcqError(f"config: {key}={value} must be a finite number")
@@ -114,12 +121,12 @@ class TrainConfig:
                     "bn_splits", "log_every", "eval_batch_size", "dist_timeout"]
         for key in positive:
             if not getattr(self, key) > 0:
-                raise DcqError(f"config: {key}={getattr(self, key)!r} must be > 0")
+                raise DcqError(f"config: {key}={shown(getattr(self, key))} must be > 0")
         nonneg = ["margin", "weight_decay", "warmup_epochs", "max_steps", "grad_clip", "workers", "eval_every",
                   "checkpoint_every", "threads", "dropout", "sgd_momentum", "queue_size", "queue_fraction"]
         for key in nonneg:
             if getattr(self, key) < 0:
-                raise DcqError(f"config: {key}={getattr(self, key)!r} must be >= 0")
+                raise DcqError(f"config: {key}={shown(getattr(self, key))} must be >= 0")
         if not 0.0 <= self.generator_momentum <= 1.0:
             raise DcqError(f"config: generator_momentum={self.generator_momentum} must be in [0, 1] "
                            "(the paper uses 0.999)")
@@ -143,6 +150,25 @@ class TrainConfig:
             raise DcqError(f"config: keep_last={self.keep_last} must be >= 1")
         return self
 
+    def _check_ranges(self) -> None:
+        """Every number within `LIMITS`, milestones finite, text keys free of NUL, an output named."""
+        for key, (low, high) in LIMITS.items():
+            value = getattr(self, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                    and not low <= value <= high:
+                raise DcqError(f"config: {key}={shown(value)} is out of range; give {_number(low)} to {_number(high)}")
+        for m in self.milestones:
+            if not (math.isfinite(m) and 0 <= m <= LIMITS["epochs"][1]):
+                raise DcqError(f"config: milestones holds {shown(m)}; give epochs as finite numbers >= 0, "
+                               "e.g. [8, 16, 18]")
+        for key in ("output", "train_data", "init_from", "device", "backbone"):
+            if "\0" in getattr(self, key):
+                raise DcqError(f"config: {key}={shown(getattr(self, key))} holds a NUL character; give a plain path")
+        if any("\0" in b for b in self.eval_bins):
+            raise DcqError("config: eval_bins holds a path with a NUL character; give plain paths")
+        if not self.output.strip():
+            raise DcqError("config: output is empty; set it to the run's folder, e.g. output=runs/dcq")
+
     @property
     def references(self) -> int:
         """Reference images per item the sampler draws: DCQ's k; FC and Partial FC draw one (so the
@@ -153,6 +179,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The range of every number (inclusive). Wide enough for any real run, narrow enough that nothing
+# downstream overflows (a seed times the stream stride in 64 bits, a timeout in a timedelta, ...).
+LIMITS: dict[str, tuple[float, float]] = {
+    "embedding_size": (1, 65536), "image_size": (1, 4096), "dropout": (0, 0.999), "queue_size": (0, 2**31),
+    "queue_fraction": (0, 1), "scale": (1e-6, 1e4), "margin": (0, 10), "sample_rate": (0, 1),
+    "num_references": (1, 64), "generator_momentum": (0, 1), "bn_splits": (1, 4096), "lr": (1e-12, 1e4),
+    "sgd_momentum": (0, 1), "weight_decay": (0, 10), "lr_decay": (0, 1e3), "warmup_epochs": (0, 1e6),
+    "epochs": (1e-9, 1e6), "max_steps": (0, 10**12), "batch_size": (1, 2**20), "grad_clip": (0, 1e12),
+    "workers": (0, 64), "eval_every": (0, 10**12), "eval_batch_size": (1, 2**20), "seed": (0, 2**32 - 1),
+    "threads": (0, 1024), "log_every": (1, 10**12), "checkpoint_every": (0, 10**12), "keep_last": (1, 10**6),
+    "dist_timeout": (1e-3, 1e7),
+}
+def _number(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
 def _check_model(backbone: str, image_size: int) -> None:
@@ -193,13 +235,14 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         try:
             return _scalar(bool, value)
         except ValueError:
-            raise DcqError(f"config ({source}): {key}={value!r} is not true, false or auto") from None
+            raise DcqError(f"config ({source}): {key}={shown(value)} is not true, false or auto") from None
     hint = _HINTS[key]
     origin = typing.get_origin(hint)
     try:
         if origin is list:
             if isinstance(value, str):
-                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+                value = (read_yaml(value, source) if value.strip().startswith("[")
+                         else [v for v in value.split(",") if v])
             if not isinstance(value, list):
                 raise TypeError
             (item,) = typing.get_args(hint)
@@ -209,7 +252,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return _scalar(hint, value)
     except (TypeError, ValueError, yaml.YAMLError):
         what = "list such as [1, 2] or 1,2" if origin is list else f"{getattr(hint, '__name__', hint)}"
-        raise DcqError(f"config ({source}): {key}={value!r} is not a valid {what}") from None
+        raise DcqError(f"config ({source}): {key}={shown(value)} is not a valid {what}") from None
 
 
 def _scalar(kind: type, value: Any) -> Any:
@@ -245,7 +288,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise DcqError(f"--set {pair!r}: expected key=value, e.g. --set lr=0.05")
+            raise DcqError(f"--set {shown(pair)}: expected key=value, e.g. --set lr=0.05")
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
     return out
@@ -274,7 +317,7 @@ def canonical_keys(values: dict[str, Any], source: str, notes: list[str] | None 
             if new in values:
                 raise DcqError(f"config ({source}): both {key!r} (the old name) and {new!r} are set; keep {new!r}")
             if notes is not None:
-                notes.append(f"config ({source}): {key}={value!r} read as {new}={value!r} "
+                notes.append(f"config ({source}): {key}={shown(value)} read as {new}={shown(value)} "
                              f"({key!r} is the old name)")
             key = new
         out[key] = value
@@ -295,9 +338,9 @@ def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
     kwargs = {}
     for key, value in values.items():
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, list(FIELDS), n=1)
+            close = difflib.get_close_matches(str(key), list(FIELDS), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise DcqError(f"config ({source}): unknown key {key!r}{hint} (see configs/*.yaml for valid keys)")
+            raise DcqError(f"config ({source}): unknown key {shown(key)}{hint} (see configs/*.yaml for valid keys)")
         kwargs[key] = _coerce(key, value, source)
     return TrainConfig(**kwargs).validate()
 
@@ -311,11 +354,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise DcqError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+            loaded = read_yaml(path.read_bytes().decode("utf-8"), f"config file {path}") or {}
         except UnicodeDecodeError as exc:
             raise DcqError(f"config file {path} is not UTF-8 text (byte {exc.start}); give a YAML file") from None
         except yaml.YAMLError as exc:
-            raise DcqError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise DcqError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0][:300]}") from None
         except OSError as exc:
             raise DcqError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(loaded, dict):

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcq.errors import DcqError
+from dcq.lock import FileLock
+from dcq.lock import remove_stale_temporaries as _remove_temporaries
 
 LOCK_NAME = ".dcq.lock"
-TMP_PATTERN = re.compile(r"\..+\.tmp")
 STEP_PATTERN = re.compile(r"step_(\d+)\.pt")
 
 
@@ -130,14 +131,7 @@ def holds_run(directory: str | os.PathLike) -> bool:
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     """Remove ``.NAME.*.tmp`` files a killed writer left in `directory` (call with the lock held)."""
-    directory = Path(directory)
-    removed = []
-    if directory.is_dir():
-        for path in directory.iterdir():
-            if TMP_PATTERN.fullmatch(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
+    return _remove_temporaries(directory)
 
 
 class RunFolder:
@@ -147,7 +141,7 @@ class RunFolder:
 
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory)
-        self._fd: int | None = None
+        self._lock_file: FileLock | None = None
         self._created: list[Path] = []
         self._replace = False
 
@@ -171,9 +165,8 @@ class RunFolder:
         files of interrupted writes, and (resuming at `resume_step`) set aside checkpoints of an
         abandoned later branch. Returns lines worth logging."""
         notes = []
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # who holds the lock, for the message another run prints
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        if self._lock_file is not None:
+            self._lock_file.record_holder()  # who holds the lock, for the message another run prints
         if self._replace:
             notes.append(f"--overwrite: removed {self._remove_run_files()} files of the earlier run in {self.path}")
         stale = remove_stale_temporaries(self.path)
@@ -188,9 +181,9 @@ class RunFolder:
         return notes
 
     def release(self, started: bool = True) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._lock_file is not None:
+            self._lock_file.release()
+            self._lock_file = None
         if not started:
             for path in self._created:
                 if path.is_dir():
@@ -220,31 +213,17 @@ class RunFolder:
         self._created = missing  # deepest first, so rmdir works from the inside out
 
     def _lock(self) -> None:
-        lock_path = self.path / LOCK_NAME
-        existed = lock_path.exists()
+        # A POSIX record lock (dcq.lock): DataLoader workers forked from this process do not
+        # inherit it, so it ends exactly when this process does, kill -9 included.
+        lock = FileLock(self.path / LOCK_NAME, f"output folder {self.path}")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            lock.acquire("another dcq train", "wait for it to finish or set another output")
         except OSError as exc:
             self.release(started=False)
             raise DcqError(f"cannot write to output folder {self.path}: {exc.strerror or exc}") from None
-        if not existed:
-            self._created.insert(0, lock_path)
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; run unlocked
-            self._fd = fd
-            return
-        try:
-            # A POSIX record lock (not flock): DataLoader workers forked from this process do not
-            # inherit it, so it ends exactly when this process does, kill -9 included.
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
-            raise DcqError(f"output folder {self.path} is in use by another dcq train{who}; wait for it "
-                           "to finish or set another output") from None
-        self._fd = fd
+        if lock.created:
+            self._created.insert(0, lock.path)
+        self._lock_file = lock
 
     def _remove_run_files(self) -> int:
         count = 0

@@ -1,8 +1,19 @@
-"""`dcq synth OUT`: write the synthetic long-tailed face dataset in insightface formats."""
+"""`dcq synth OUT`: write the synthetic long-tailed face dataset in insightface formats.
+
+Files are made in ``OUT/.synth-tmp-PID`` and moved into place at the end. SIGTERM (a cluster's
+preemption, ``kill``) ends the run as Ctrl-C does, removing that folder; one left by a run killed
+with ``kill -9`` is removed by the next run in OUT once its process is gone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
 
 from dcq.errors import DcqError
 
@@ -44,7 +55,51 @@ def configure_synth(parser: argparse.ArgumentParser) -> None:
                             "0..N that training sets use)")
 
 
+_MAIN_PID = [0]
+
+
+def _terminated(signum, frame):
+    if os.getpid() != _MAIN_PID[0]:  # a forked rendering worker: die as before, the main process cleans up
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    print("dcq synth: terminated (SIGTERM); the unfinished files were removed", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds through the writers' clean-up, as Ctrl-C does
+
+
+def remove_abandoned(out) -> list[Path]:
+    """Remove ``.synth-tmp-PID`` folders in ``out`` whose process no longer runs."""
+    removed = []
+    folder = Path(out)
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = re.fullmatch(r"\.synth-(?:tmp|old)-(\d+)", path.name)
+        if match and path.is_dir() and not _running(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
 def run_synth(args: argparse.Namespace) -> int:
+    _MAIN_PID[0] = os.getpid()
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        remove_abandoned(args.out)
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from dcq.data.synth.dataset import synthesize
 
     if args.profile in ("ijb", "megaface"):
