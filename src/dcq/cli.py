@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except DcqError as exc:
         print(f"dcq {args.command}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))  # e.g. 143 for a run stopped by SIGTERM (dcq demo)
     except FileNotFoundError as exc:
         print(f"dcq {args.command}: error: file not found: {exc.filename or exc}", file=sys.stderr)
         return 2
