@@ -48,8 +48,8 @@ def markdown(rows: list[dict], epochs: int = 8) -> str:
                   "", "At each run's last epoch (mean over seeds, each seed in brackets; impostor scores above "
                   "the threshold in the header):", "",
                   "| run | queue / batch | epoch | seeds | accuracy | "
-                  + " | ".join(f"TAR@FAR={f} ({first['impostors_above'][f]:,})" for f in FARS) + " | "
-                  + "".join(f"rank-1 {b} | " for b in BUCKETS if longtail),
+                  + " | ".join(f"TAR@FAR={f} ({first['impostors_above'][f]:,})" for f in FARS) + " |"
+                  + "".join(f" rank-1 {b} |" for b in BUCKETS if longtail),
                   "|---|---|---|---|---|---|---|---|" + "---|" * (len(BUCKETS) if longtail else 0)]
         for run in dict.fromkeys(r["run"] for r in mine):
             final = last_rows(rows, profile, run)
