@@ -6,6 +6,7 @@
   ``.onnx``), end to end: the one pipeline of `dcq eval` and the demo.
 - ``identify``: rank-k against a gallery plus (up to millions of) distractors, in bounded memory.
 - ``longtail_report``: rank-1 and TAR@FAR per bucket of training images per identity.
+- ``streamed_tar_at_far``: TAR at FAR down to 1e-6 from all pairs of labelled embeddings, streamed.
 
 Names load lazily, so ``import dcq.eval`` pulls in neither scikit-learn nor matplotlib.
 """
@@ -31,6 +32,8 @@ _EXPORTS = {
     "match_ranks": "dcq.eval.identification",
     "longtail_report": "dcq.eval.longtail",
     "longtail_metrics": "dcq.eval.longtail",
+    "streamed_tar_at_far": "dcq.eval.lowfar",
+    "pair_counts": "dcq.eval.lowfar",
 }
 
 __all__ = [
@@ -44,8 +47,10 @@ __all__ = [
     "longtail_metrics",
     "longtail_report",
     "match_ranks",
+    "pair_counts",
     "raw_pixel_embeddings",
     "roc_curve_points",
+    "streamed_tar_at_far",
     "verify_pairs",
     "verify_scores",
 ]
@@ -54,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dcq.eval.embedding import bin_scores, embed_images, evaluate_bin, raw_pixel_embeddings
     from dcq.eval.identification import identify, match_ranks
     from dcq.eval.longtail import longtail_metrics, longtail_report
+    from dcq.eval.lowfar import pair_counts, streamed_tar_at_far
     from dcq.eval.pipeline import evaluate_checkpoint, evaluate_model, load_encoder
     from dcq.eval.verification import roc_curve_points, verify_pairs, verify_scores
 
