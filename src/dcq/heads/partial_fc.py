@@ -80,11 +80,20 @@ class PartialFC(Head):
     def _generator(self, device: torch.device) -> torch.Generator:
         """The sampling generator on `device` (moved there once, its state kept when it can be)."""
         if self.sampling_rng.device != device:
-            moved = torch.Generator(device=device).manual_seed(self._seed)
-            if self.sampling_rng.device.type == device.type:
-                moved.set_state(self.sampling_rng.get_state())
-            self.sampling_rng = moved
+            same_kind = self.sampling_rng.device.type == device.type
+            self.sampling_rng = self._new_generator(device, self.sampling_rng.get_state() if same_kind else None)
         return self.sampling_rng
+
+    def _new_generator(self, device: torch.device, state: torch.Tensor | None) -> torch.Generator:
+        """A generator on `device` in `state`, or seeded from the head's seed where there is none or it
+        belongs to another kind of device (a CPU state cannot continue on a GPU)."""
+        generator = torch.Generator(device=device).manual_seed(self._seed)
+        if state is not None:
+            try:
+                generator.set_state(state)
+            except RuntimeError:
+                generator.manual_seed(self._seed)
+        return generator
 
     def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted rows of this rank's shard to use this step (its positives + random negatives) and
@@ -215,12 +224,7 @@ class PartialFC(Head):
     def set_extra_state(self, state) -> None:
         """The generator on the head's device; a state saved on another kind of device (a CPU run
         resumed on a GPU) cannot continue there, and the stream restarts from the seed instead."""
-        generator = torch.Generator(device=self.weight.device)
-        try:
-            generator.set_state(state["generator"])
-        except RuntimeError:
-            generator.manual_seed(self._seed)
-        self.sampling_rng = generator
+        self.sampling_rng = self._new_generator(self.weight.device, state["generator"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in list(state_dict):  # create the per-row optimiser-state buffers before loading

@@ -81,7 +81,7 @@ def build_model(cfg: TrainConfig, num_identities: int, ctx, steps_per_epoch: int
     backbone = get_backbone(cfg.backbone, embedding_size=cfg.embedding_size, image_size=cfg.image_size,
                             dropout=cfg.dropout).to(device)
     if cfg.channels_last and device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)  # the weight generator copies it so
+        backbone = backbone.to(memory_format=torch.channels_last)  # the weight generator's copy is too
     if cfg.init_from:  # before the weight generator copies the backbone
         from dcq.convert import init_backbone
 

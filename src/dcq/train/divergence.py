@@ -31,7 +31,7 @@ class TrainingDiverged(DcqError):
     """The loss, gradients or weights blew up; training stopped before the next checkpoint."""
 
 
-def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Total 2-norm of `tensors` as a 0-d tensor on their device (no host synchronisation)."""
     if not tensors:
         return torch.zeros(())  # off-device: no parameters, no device
@@ -43,7 +43,7 @@ class DivergenceMonitor:
         self.params = [p for p in params if p.requires_grad]
         self.out = out
         self.has_checkpoint = has_checkpoint  # () -> bool: is there a checkpoint to go back to?
-        self.initial = float(_norm(self.params))
+        self.initial = float(total_norm(self.params))
 
     def _fail(self, step: int, what: str) -> None:
         if self.has_checkpoint():
@@ -55,7 +55,7 @@ class DivergenceMonitor:
 
     def weight_norm(self) -> torch.Tensor:
         """The trained weights' norm as a device tensor, for the trainer to read with the step's statistics."""
-        return _norm(self.params)
+        return total_norm(self.params)
 
     def check_loss(self, step: int, loss: float) -> None:
         if not math.isfinite(loss):

@@ -41,6 +41,7 @@ from torch import nn
 from dcq.data.transforms import normalize
 from dcq.heads.base import Head, HeadOutput, check_labels
 from dcq.momentum import MomentumEncoder
+from dcq.train.divergence import total_norm
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -152,6 +153,4 @@ class TrainStep:
 def gradient_norm(parameters, like: torch.Tensor) -> torch.Tensor:
     """Total 2-norm of the gradients on the device (NaN when there are none), without a host sync."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.full((), float("nan"), device=like.device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    return total_norm(grads) if grads else torch.full((), float("nan"), device=like.device)
