@@ -35,7 +35,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from claims import BASE, VARIANTS, machine
+from claims import BASE, VARIANTS, machine, parse_variant
 from convergence import load_payload, write_payload
 from paper_report import markdown, plot
 
@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout", default="2000x10", help="held-out set: IDENTITIESxIMAGES")
     parser.add_argument("--val-pairs", type=int, default=12_000)
     parser.add_argument("--plan", default=FULL_PLAN, help="profile:run:seed,... in the order to run")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="ad-hoc run 'name:key=value;key=value' that --plan can name (one-variable studies)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=PAPER_TRAIN["image_size"])
     parser.add_argument("--batch", type=int, default=PAPER_TRAIN["batch_size"])
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
     from dcq.train.config import parse_overrides
 
     torch.set_num_threads(args.threads)
-    plan = parse_plan(args.plan)
+    variants = {**VARIANTS, **dict(parse_variant(v) for v in args.variant)}
+    plan = parse_plan(args.plan, variants)
     base = {**BASE, **parse_overrides(args.overrides)}
     datasets, heldout_dir = prepare(args)
     heldout = load_heldout(heldout_dir)
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--plan: profile {profile!r} is not in --synth")
         t0 = time.time()
         try:
-            run_one(profile, datasets[profile], name, {**base, **VARIANTS[name]}, seed, heldout, payload, args)
+            run_one(profile, datasets[profile], name, {**base, **variants[name]}, seed, heldout, payload, args)
         except Exception as exc:  # a failed run is recorded, the next one starts
             payload["failures"].append({"profile": profile, "run": name, "seed": seed,
                                         "error": f"{type(exc).__name__}: {exc}",
@@ -101,12 +104,12 @@ def log(text: str) -> None:
     print(time.strftime("%H:%M:%S ") + text, file=sys.stderr, flush=True)
 
 
-def parse_plan(text: str) -> list[tuple[str, str, int]]:
+def parse_plan(text: str, variants: dict = VARIANTS) -> list[tuple[str, str, int]]:
     plan = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.split(":")
-        if len(parts) != 3 or parts[1] not in VARIANTS or not parts[2].isdigit():
-            raise SystemExit(f"--plan {item!r}: expected profile:run:seed with run one of {', '.join(VARIANTS)}")
+        if len(parts) != 3 or parts[1] not in variants or not parts[2].isdigit():
+            raise SystemExit(f"--plan {item!r}: expected profile:run:seed with run one of {', '.join(variants)}")
         plan.append((parts[0], parts[1], int(parts[2])))
     return plan
 
