@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     import torch
 
     from dcq.train.config import parse_overrides
+    from dcq.train.loop import TrainingStopped
 
     torch.set_num_threads(args.threads)
     variants = {**VARIANTS, **dict(parse_variant(v) for v in args.variant)}
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         try:
             run_one(profile, datasets[profile], name, {**base, **variants[name]}, seed, heldout, payload, args)
+        except TrainingStopped:  # SIGTERM: the run saved its step; stop the study, a rerun resumes it
+            log(f"[{profile} {name} seed {seed}] stopped by SIGTERM; rerun the same command to resume")
+            return 143
         except Exception as exc:  # a failed run is recorded, the next one starts
             payload["failures"].append({"profile": profile, "run": name, "seed": seed,
                                         "error": f"{type(exc).__name__}: {exc}",

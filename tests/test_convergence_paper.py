@@ -99,3 +99,29 @@ def test_the_issue_test_in_the_report(monkeypatch):
     assert paper_report.verdict(rows)[0].endswith(": holds")
     rows.append(row("mf2", "FC", 0, 7, 0.9, 0.1, (0.10, 0.20)))
     assert "(partial: not the issue's test yet)" in paper_report.verdict(rows)[1]
+
+
+def test_ad_hoc_variants_and_a_sigterm_stops_the_study(paper, monkeypatch, tmp_path):
+    """--variant names a run --plan can use; a SIGTERM'd run (TrainingStopped) ends the study with 143
+    and no failure row, so a killed study does not go on to its next run."""
+    from dcq.train.loop import TrainingStopped
+
+    module, _, _ = paper
+    started = []
+
+    def fake_run(profile, data, name, settings, seed, heldout, payload, args):
+        started.append((name, settings))
+        raise TrainingStopped("stopped")
+
+    monkeypatch.setattr(module, "prepare", lambda args: ({"ms1m": tmp_path}, tmp_path))
+    monkeypatch.setattr(module, "load_heldout", lambda folder: None)
+    monkeypatch.setattr(module, "run_one", fake_run)
+    out = tmp_path / "out.json"
+    argv = ["--synth", "ms1m=30", "--cache", str(tmp_path), "--json", str(out),
+            "--variant", "DCQ m0.99:head=dcq;generator_momentum=0.99", "--plan", "ms1m:DCQ m0.99:0,ms1m:FC:0"]
+    assert module.main(argv) == 143
+    assert [name for name, _ in started] == ["DCQ m0.99"]
+    assert started[0][1]["generator_momentum"] == "0.99" and started[0][1]["head"] == "dcq"
+    assert not out.exists() or json.loads(out.read_text())["failures"] == []  # no failure row written
+    with pytest.raises(SystemExit, match="run one of"):
+        module.main(["--synth", "ms1m=30", "--cache", str(tmp_path), "--json", str(out), "--plan", "ms1m:nope:0"])
