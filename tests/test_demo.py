@@ -21,6 +21,9 @@ def test_demo_smoke(tmp_path, capsys):
     assert f"reusing synthetic dataset {folder}" in printed and "| DCQ (weight generator) |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"raw_pixels", "dcq", "train_seconds", "longtail"} <= set(metrics)
+    assert metrics["regime"] == {"profile": DEMO_DATA["profile"], "identities": 20, "batch_size": 64,
+                                 "queue_entries": 2, "queue_batches": 2 / 64}
+    assert "DCQ's 10% queue 2 entries" in (out / "report.md").read_text()
     assert metrics["dcq"]["pairs"] == 200 and metrics["encoder"] == {"dcq": "weight_generator"}
     for name in ("roc.png", "longtail.png", "report.md"):
         assert (out / name).is_file()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dcq.demo import DEMO_TRAIN, HEAD_SETTINGS
+from dcq.demo import DEMO_DATA, DEMO_REGIME, DEMO_TRAIN, HEAD_SETTINGS
 from dcq.heads import DynamicClassQueue
 from dcq.train.config import build_config
 from dcq.heads.registry import IN_BATCH_MIN_BATCHES, uses_in_batch_negatives
@@ -34,8 +34,12 @@ def test_defaults_are_the_recipe_and_the_paper_config_stays_the_paper():
     demo = {**DEMO_TRAIN, **HEAD_SETTINGS["dcq"]}
     assert demo["queue_fraction"] == 0.1  # the paper's 10% queue, not a larger one
     assert not {"num_references", "generator_momentum", "in_batch_negatives"} & set(demo)  # the demo runs the
-    # defaults; its 150-entry queue (10% of 1,500 identities) is under two batches of 128: auto -> off
-    assert not uses_in_batch_negatives(build_config(demo), queue_size=150)
+    # defaults, in the paper's regime: its 512-entry queue (10% of 5,120 identities) spans 8 batches of 64,
+    # so auto -> on
+    demo = {**demo, **DEMO_REGIME}
+    queue = round(demo["queue_fraction"] * DEMO_DATA["identities"])
+    assert queue / demo["batch_size"] == 8 and DEMO_DATA["profile"] == "mf2"
+    assert uses_in_batch_negatives(build_config(demo), queue_size=queue)
     paper = yaml.safe_load((ROOT / "configs" / "paper_ms1mv2.yaml").read_text())
     assert paper["generator_momentum"] == 0.999 and paper["num_references"] == 1
     assert paper["in_batch_negatives"] is False
