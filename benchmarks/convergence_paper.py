@@ -16,7 +16,9 @@ every epoch end is evaluated on:
         --json benchmarks/results/convergence-paper.json --plot-dir docs
 
 Runs go in the order of ``--plan`` (default: seed 0 of FC and DCQ on each profile, then Partial FC,
-then seed 1 of FC and DCQ). Each run trains in its own folder under ``--cache``/runs with a
+then seed 1 of FC and DCQ); ``--variant`` adds named one-variable runs for it. Two processes may
+share the cache (different runs) but not a JSON: give the second its own ``--json`` and fold it in
+afterwards with ``--report-only --merge``. Each run trains in its own folder under ``--cache``/runs with a
 checkpoint at every epoch end; after each epoch its row is appended to ``--json`` (rewritten
 atomically). Started again with the same arguments, finished runs are skipped, a stopped run
 resumes from its last epoch checkpoint (`dcq train --resume`'s path), and epochs checkpointed but
@@ -62,9 +64,19 @@ def main(argv=None) -> int:
     parser.add_argument("--plot-dir", default=None, help="write convergence-paper-<profile>.png here")
     parser.add_argument("--markdown", default=None, help="write the tables of --json here")
     parser.add_argument("--report-only", action="store_true", help="no training: plots and tables of --json")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="with --report-only: add the rows of another study's JSON (a plan run in a second "
+                             "process with its own --json) to --json first; rows already there are kept")
     args = parser.parse_args(argv)
+    if args.merge and not args.report_only:
+        raise SystemExit("--merge: use it with --report-only (a running study rewrites --json from memory)")
     if args.report_only:
-        write_reports(args, load_payload(args.json))
+        payload = load_payload(args.json)
+        for other in args.merge:
+            merge_payload(payload, load_payload(other))
+        if args.merge:
+            write_payload(args.json, payload)
+        write_reports(args, payload)
         return 0
 
     import torch
@@ -102,6 +114,15 @@ def main(argv=None) -> int:
         log(f"[{profile} {name} seed {seed}] done ({time.time() - t0:.0f}s)")
     write_reports(args, payload)
     return 0
+
+
+def merge_payload(payload: dict, other: dict) -> None:
+    """Add `other`'s rows whose (profile, run, seed, epoch) `payload` lacks, its failures and commands."""
+    have = {(r["profile"], r["run"], r["seed"], r["epoch"]) for r in payload["rows"]}
+    payload["rows"] += [r for r in other["rows"] if (r["profile"], r["run"], r["seed"], r["epoch"]) not in have]
+    payload["failures"] += [f for f in other.get("failures", []) if f not in payload["failures"]]
+    payload.setdefault("commands", [])
+    payload["commands"] += [c for c in other.get("commands", []) if c not in payload["commands"]]
 
 
 def log(text: str) -> None:

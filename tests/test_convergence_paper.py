@@ -125,3 +125,20 @@ def test_ad_hoc_variants_and_a_sigterm_stops_the_study(paper, monkeypatch, tmp_p
     assert not out.exists() or json.loads(out.read_text())["failures"] == []  # no failure row written
     with pytest.raises(SystemExit, match="run one of"):
         module.main(["--synth", "ms1m=30", "--cache", str(tmp_path), "--json", str(out), "--plan", "ms1m:nope:0"])
+
+
+def test_merge_folds_a_second_process_rows_in(paper, tmp_path):
+    module, cache, _ = paper
+    payload = json.loads((cache / "out.json").read_text())
+    first = dict(payload, rows=payload["rows"][:2], commands=["a"])
+    second = dict(payload, rows=payload["rows"][1:], commands=["b"], failures=[{"run": "x"}])
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    assert module.main(["--report-only", "--json", str(tmp_path / "a.json"), "--merge", str(tmp_path / "b.json"),
+                        "--markdown", str(tmp_path / "t.md")]) == 0
+    merged = json.loads((tmp_path / "a.json").read_text())
+    assert merged["rows"] == payload["rows"]  # row 1 once, in the first file's version
+    assert merged["commands"] == ["a", "b"] and merged["failures"] == [{"run": "x"}]
+    assert "| DCQ 10% |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="--report-only"):
+        module.main(["--json", str(tmp_path / "a.json"), "--merge", str(tmp_path / "b.json")])
