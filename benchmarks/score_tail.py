@@ -64,12 +64,13 @@ def score_tail(embeddings: np.ndarray, labels: np.ndarray) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heldout", required=True, help="held-out set folder (probes/<identity>/*.jpg)")
-    parser.add_argument("--model", action="append", required=True, help="'label=checkpoint.pt'")
+    parser.add_argument("--model", action="append", help="'label=checkpoint.pt' (none: only --markdown)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", required=True)
+    parser.add_argument("--markdown", default=None, help="write a table of every row of --json here")
     args = parser.parse_args(argv)
     models = []
-    for item in args.model:
+    for item in args.model or []:
         if "=" not in item:
             raise SystemExit(f"--model {item!r}: expected 'label=checkpoint.pt'")
         label, path = item.split("=", 1)
@@ -101,7 +102,23 @@ def main(argv=None) -> int:
               f"{row['participation_ratio']:.1f}/{row['dimension']}, thresholds "
               + ", ".join(f"{k} {v:.3f}" for k, v in row["thresholds"].items())
               + ", TAR " + ", ".join(f"{k} {v:.3f}" for k, v in row["tar_at_far"].items()), file=sys.stderr)
+    if args.markdown:
+        from dcq.atomic import atomic_write
+
+        text = markdown(payload["rows"])
+        atomic_write(args.markdown, lambda f: f.write(text.encode()))
     return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | genuine mean | impostor mean | impostor std | effective dimension | threshold at "
+             "FAR 1e-4 / 1e-5 / 1e-6 | TAR@FAR 1e-4 / 1e-5 / 1e-6 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['genuine_mean']:.3f} | {r['impostor_mean']:.4f} | {r['impostor_std']:.3f} | "
+                     f"{r['participation_ratio']:.1f} / {r['dimension']} | "
+                     + " / ".join(f"{r['thresholds'][k]:.3f}" for k in ("1e-4", "1e-5", "1e-6")) + " | "
+                     + " / ".join(f"{r['tar_at_far'][k]:.3f}" for k in ("1e-4", "1e-5", "1e-6")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

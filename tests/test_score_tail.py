@@ -34,3 +34,13 @@ def test_score_tail_matches_brute_force(monkeypatch):
     iso = score_tail(rng.normal(size=(4000, 16)), np.arange(4000) // 2)["participation_ratio"]
     flat = rng.normal(size=(4000, 16)) * np.r_[np.ones(2), np.full(14, 1e-3)]
     assert iso > 15 and score_tail(flat, np.arange(4000) // 2)["participation_ratio"] < 2.2
+
+
+def test_markdown_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("score_tail")
+    labels = np.repeat(np.arange(50), 4)
+    row = {"label": "m", **module.score_tail(np.random.default_rng(1).normal(size=(200, 8)), labels)}
+    text = module.markdown([row])
+    assert text.count("\n") == 3 and f"| m | {row['genuine_mean']:.3f} |" in text
+    assert f"{row['participation_ratio']:.1f} / 8" in text
