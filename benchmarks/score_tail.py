@@ -110,14 +110,22 @@ def main(argv=None) -> int:
     return 0
 
 
+FARS = ("1e-4", "1e-5", "1e-6")
+
+
+def _number(value) -> str:
+    """A FAR too low for the set's impostor pairs has no threshold: 'n/a'."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | genuine mean | impostor mean | impostor std | effective dimension | threshold at "
              "FAR 1e-4 / 1e-5 / 1e-6 | TAR@FAR 1e-4 / 1e-5 / 1e-6 |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['genuine_mean']:.3f} | {r['impostor_mean']:.4f} | {r['impostor_std']:.3f} | "
                      f"{r['participation_ratio']:.1f} / {r['dimension']} | "
-                     + " / ".join(f"{r['thresholds'][k]:.3f}" for k in ("1e-4", "1e-5", "1e-6")) + " | "
-                     + " / ".join(f"{r['tar_at_far'][k]:.3f}" for k in ("1e-4", "1e-5", "1e-6")) + " |")
+                     + " / ".join(_number(r["thresholds"][k]) for k in FARS) + " | "
+                     + " / ".join(_number(r["tar_at_far"][k]) for k in FARS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,3 +44,4 @@ def test_markdown_table(monkeypatch):
     text = module.markdown([row])
     assert text.count("\n") == 3 and f"| m | {row['genuine_mean']:.3f} |" in text
     assert f"{row['participation_ratio']:.1f} / 8" in text
+    assert row["tar_at_far"]["1e-6"] is None and "/ n/a |" in text  # 19,500 impostor pairs: no 1e-6
