@@ -63,7 +63,7 @@ def score_tail(embeddings: np.ndarray, labels: np.ndarray) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heldout", required=True, help="held-out set folder (probes/<identity>/*.jpg)")
+    parser.add_argument("--heldout", default=None, help="held-out set folder (probes/<identity>/*.jpg)")
     parser.add_argument("--model", action="append", help="'label=checkpoint.pt' (none: only --markdown)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", required=True)
@@ -85,7 +85,10 @@ def main(argv=None) -> int:
     from dcq.encoders import embed_images, load_encoder
 
     torch.set_num_threads(args.threads)
-    images, labels = load_heldout(Path(args.heldout))
+    if models and not (Path(args.heldout or "") / "probes").is_dir():
+        raise SystemExit(f"--heldout {args.heldout}: no probes/ folder; give the held-out set of "
+                         "convergence_paper.py (its --cache holds heldout-<ids>x<per>-<size>px)")
+    images, labels = load_heldout(Path(args.heldout)) if models else (None, None)
     payload = load_payload(args.json)
     for label, path in models:
         if any(r["label"] == label for r in payload["rows"]):
@@ -121,7 +124,7 @@ def _number(value) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | genuine mean | impostor mean | impostor std | effective dimension | threshold at "
              "FAR 1e-4 / 1e-5 / 1e-6 | TAR@FAR 1e-4 / 1e-5 / 1e-6 |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["label"]):
         lines.append(f"| {r['label']} | {r['genuine_mean']:.3f} | {r['impostor_mean']:.4f} | {r['impostor_std']:.3f} | "
                      f"{r['participation_ratio']:.1f} / {r['dimension']} | "
                      + " / ".join(_number(r["thresholds"][k]) for k in FARS) + " | "
