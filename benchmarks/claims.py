@@ -41,6 +41,10 @@ VARIANTS: dict[str, dict] = {
     "DCQ 1%": {"head": "dcq", "queue_fraction": 0.01},
     "DCQ 5%": {"head": "dcq", "queue_fraction": 0.05},
     "DCQ 20%": {"head": "dcq", "queue_fraction": 0.2},
+    # the generator momentum that was dcq train's default until the paper-ratio study (rows before it used it)
+    "DCQ 10% m0.9": {"head": "dcq", "queue_fraction": 0.1, "generator_momentum": 0.9},
+    "DCQ 10% queue only m0.9": {"head": "dcq", "queue_fraction": 0.1, "in_batch_negatives": False,
+                                "generator_momentum": 0.9},
 }
 DEFAULT_RUNS = "FC,Partial FC 0.1,DCQ 10%"
 LONGTAIL_MAX_IMAGES = 200_000  # embedding a larger training set for the gallery costs more than the run

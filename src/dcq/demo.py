@@ -46,7 +46,7 @@ DEMO_TRAIN = {
 }
 HEAD_SETTINGS = {
     # DCQ with the paper's 10% queue (512 of 5,120 identities) and the default recipe of `dcq train`
-    # (2 references per class weight, generator momentum 0.9, in-batch negatives "auto": on here,
+    # (2 references per class weight, generator momentum 0.99, in-batch negatives "auto": on here,
     # since the queue spans 8 batches; docs/results.md, "One in-batch rule"). s=32, m=0.2 suit a
     # 128-d embedding trained for minutes; the paper's s=50, m=0.3 at iresnet50 scale are in
     # configs/paper_ms1mv2.yaml.
