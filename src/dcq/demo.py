@@ -64,6 +64,35 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="dataset cache folder (default: $DCQ_CACHE or ~/.cache/dcq)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the recipe of every head, as dcq train's --set does, e.g. "
+                             "--set generator_momentum=0.9 (repeatable; the report names each change)")
+
+
+# what the demo itself decides; --set may change the recipe, not these
+DEMO_OWNED = {"train_data": "the cached set", "max_steps": "--steps", "seed": "--seed", "threads": "--threads",
+              "output": "--out", "eval_bins": "the demo's val.bin"}
+
+
+def recipe_changes(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs as config values (current key names); a key the demo owns is refused."""
+    from dcq.train.config import canonical_keys, parse_overrides
+
+    changed = canonical_keys(parse_overrides(pairs), "--set")
+    for key, owner in DEMO_OWNED.items():
+        if key in changed:
+            raise DcqError(f"dcq demo --set {key}=...: the demo sets {key} itself; use {owner} instead")
+    return changed
+
+
+def head_settings(name: str, changed: dict) -> dict:
+    """One head's demo recipe with the --set changes on top (a queue setting replaces the demo's)."""
+    from dcq.train.config import QUEUE_KEYS
+
+    base = {**DEMO_TRAIN, **DEMO_REGIME, **HEAD_SETTINGS[name]}
+    if any(key in changed for key in QUEUE_KEYS):
+        base = {k: v for k, v in base.items() if k not in QUEUE_KEYS}
+    return {**base, **changed}
 
 
 def dataset_cache(args) -> Path:
@@ -99,8 +128,14 @@ def run_demo(args: argparse.Namespace) -> int:
     from dcq.experiment import train_and_evaluate
     from dcq.resources import set_threads
 
+    from dcq.train.config import build_config
+
     if args.steps < 1:
         raise DcqError("--steps must be >= 1")
+    changed = recipe_changes(args.overrides)
+    heads = ["dcq", "fc", "pfc"] if args.compare else ["dcq"]
+    for name in heads:  # a bad --set fails now, not after minutes of training
+        build_config(head_settings(name, changed), source=f"dcq demo --set ({name})")
     if args.threads:
         set_threads(args.threads)
     out = Path(args.out)
@@ -117,11 +152,10 @@ def run_demo(args: argparse.Namespace) -> int:
     metrics["raw_pixels"] = verify_pairs(raw[0::2], raw[1::2], issame)
     curves["raw pixels"] = roc_curve_points(cosine_scores(raw[0::2], raw[1::2]), issame)[:2]
 
-    heads = ["dcq", "fc", "pfc"] if args.compare else ["dcq"]
     longtail = {}
     train_seconds = {}
     for name in heads:
-        settings = {**DEMO_TRAIN, **DEMO_REGIME, **HEAD_SETTINGS[name], "train_data": str(data_dir),
+        settings = {**head_settings(name, changed), "train_data": str(data_dir),
                     "max_steps": args.steps, "eval_bins": [], "output": str(out / "runs" / name), "seed": args.seed,
                     "threads": args.threads}
         print(f"training {name} for {args.steps} steps (cpunet, {size}px, batch {settings['batch_size']}) ...")
@@ -138,7 +172,9 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics["train_seconds_by_head"] = train_seconds
     metrics["longtail"] = {name: report["rows"] for name, report in longtail.items()}
     metrics["steps"] = args.steps
-    metrics["regime"] = demo_regime(data_dir)
+    metrics["regime"] = demo_regime(data_dir, changed)
+    if changed:
+        metrics["settings_changed"] = changed
     metrics["total_seconds"] = time.time() - started
     write_json(out / "metrics.json", metrics)
     plot_roc(curves, out / "roc.png")
@@ -153,13 +189,13 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_regime(data_dir: Path) -> dict:
+def demo_regime(data_dir: Path, changed: dict | None = None) -> dict:
     """Where the demo runs, in the terms the claims are made in: DCQ's queue in global batches."""
     from dcq.heads.registry import resolve_queue_size
     from dcq.train.config import build_config
 
     identities = json.loads((data_dir / "stats.json").read_text())["identities"]
-    cfg = build_config({**DEMO_TRAIN, **DEMO_REGIME, **HEAD_SETTINGS["dcq"]})
+    cfg = build_config(head_settings("dcq", changed or {}))
     queue = resolve_queue_size(cfg, identities)
     return {"profile": DEMO_DATA["profile"], "identities": identities, "batch_size": cfg.batch_size,
             "queue_entries": queue, "queue_batches": queue / cfg.batch_size}
@@ -183,8 +219,11 @@ def _report_markdown(metrics, heads, table, longtail) -> str:
         f"Dataset: `{metrics['dataset']}` (synthetic, long-tailed). Verification on held-out identities, "
         "10-fold protocol, flip test; DCQ is evaluated with the weight generator's embeddings.", "",
         table, "",
-        f"Regime: {r['identities']:,} {r['profile']}-like identities, batch {r['batch_size']}, DCQ's 10% queue "
+        f"Regime: {r['identities']:,} {r['profile']}-like identities, batch {r['batch_size']}, DCQ's queue "
         f"{r['queue_entries']:,} entries = {r['queue_batches']:g} batches.", "",
+        *([f"Changed from the demo's recipe (--set): "
+           f"{', '.join(f'{k}={v}' for k, v in metrics['settings_changed'].items())}.", ""]
+          if metrics.get("settings_changed") else []),
         f"Training: {metrics['steps']} steps, {metrics['train_seconds']:.0f}s for DCQ; "
         f"whole demo {metrics['total_seconds']:.0f}s.", "",
         "![ROC](roc.png)", "", "## Long-tail buckets (probes of training identities)", "",
