@@ -39,7 +39,10 @@ VARIANTS: dict[str, dict] = {
     "DCQ 10%": {"head": "dcq", "queue_fraction": 0.1},
     "DCQ 10% queue only": {"head": "dcq", "queue_fraction": 0.1, "in_batch_negatives": False},
     "DCQ 1%": {"head": "dcq", "queue_fraction": 0.01},
+    "DCQ 1.25%": {"head": "dcq", "queue_fraction": 0.0125},
+    "DCQ 2.5%": {"head": "dcq", "queue_fraction": 0.025},
     "DCQ 5%": {"head": "dcq", "queue_fraction": 0.05},
+    "DCQ 5% queue only": {"head": "dcq", "queue_fraction": 0.05, "in_batch_negatives": False},
     "DCQ 20%": {"head": "dcq", "queue_fraction": 0.2},
     # the generator momentum that was dcq train's default until the paper-ratio study (rows before it used it)
     "DCQ 10% m0.9": {"head": "dcq", "queue_fraction": 0.1, "generator_momentum": 0.9},

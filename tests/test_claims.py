@@ -56,6 +56,15 @@ def test_variants_are_checked_before_any_run(claims):
         claims.main(["--runs", "FC,DCQ 7%", "--data", "ms1m=/nonexistent"])
 
 
+def test_every_named_variant_is_a_valid_config_and_the_m09_rows_keep_their_momentum(claims):
+    for name, settings in claims.VARIANTS.items():
+        claims.check_settings(name, {**claims.BASE, **settings})
+    # rows recorded before 0.99 became the default stay reproducible under their own names
+    assert claims.VARIANTS["DCQ 10% m0.9"]["generator_momentum"] == 0.9
+    assert claims.VARIANTS["DCQ 10% queue only m0.9"]["generator_momentum"] == 0.9
+    assert "generator_momentum" not in claims.VARIANTS["DCQ 10%"]  # the default recipe
+
+
 def test_markdown_keeps_failed_runs_as_rows(claims):
     ok = {"profile": "ms1m", "run": "FC", "seed": 0, "identities": 10, "images": 100,
           "verify": {"accuracy": 0.9, "accuracy_std": 0.01, "tar_at_far": {"1e-3": 0.2, "1e-2": 0.5}},
