@@ -26,8 +26,8 @@ import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "loss_fingerprint.json"
 STEPS = 10
-RUNS = {  # every head, DCQ with its default recipe and with the official code's queue-only setting
-    # the fixture was recorded with generator momentum 0.9, the default until the paper-ratio study
+RUNS = {  # every head, DCQ with the default recipe and with the official code's queue-only setting,
+    # both at generator momentum 0.9: the fixture was recorded with it (the default until the paper-ratio study)
     "dcq": {"head": "dcq", "queue_size": 24, "in_batch_negatives": True, "generator_momentum": 0.9},
     "dcq_queue_only": {"head": "dcq", "queue_size": 24, "in_batch_negatives": False, "num_references": 1,
                        "generator_momentum": 0.9},

@@ -75,24 +75,14 @@ DEMO_OWNED = {"train_data": "the cached set", "max_steps": "--steps", "seed": "-
 
 
 def recipe_changes(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs as config values (current key names); a key the demo owns is refused."""
-    from dcq.train.config import canonical_keys, parse_overrides
+    """--set KEY=VALUE pairs as config values (as dcq train reads them); a key the demo owns is refused."""
+    from dcq.train.config import parse_set
 
-    changed = canonical_keys(parse_overrides(pairs), "--set")
+    changed = parse_set(pairs)
     for key, owner in DEMO_OWNED.items():
         if key in changed:
             raise DcqError(f"dcq demo --set {key}=...: the demo sets {key} itself; use {owner} instead")
     return changed
-
-
-def head_settings(name: str, changed: dict) -> dict:
-    """One head's demo recipe with the --set changes on top (a queue setting replaces the demo's)."""
-    from dcq.train.config import QUEUE_KEYS
-
-    base = {**DEMO_TRAIN, **DEMO_REGIME, **HEAD_SETTINGS[name]}
-    if any(key in changed for key in QUEUE_KEYS):
-        base = {k: v for k, v in base.items() if k not in QUEUE_KEYS}
-    return {**base, **changed}
 
 
 def dataset_cache(args) -> Path:
@@ -127,15 +117,15 @@ def run_demo(args: argparse.Namespace) -> int:
     from dcq.eval.verification import cosine_scores, roc_curve_points
     from dcq.experiment import train_and_evaluate
     from dcq.resources import set_threads
-
-    from dcq.train.config import build_config
+    from dcq.train.config import build_config, with_changes
 
     if args.steps < 1:
         raise DcqError("--steps must be >= 1")
     changed = recipe_changes(args.overrides)
     heads = ["dcq", "fc", "pfc"] if args.compare else ["dcq"]
-    for name in heads:  # a bad --set fails now, not after minutes of training
-        build_config(head_settings(name, changed), source=f"dcq demo --set ({name})")
+    recipes = {name: with_changes({**DEMO_TRAIN, **DEMO_REGIME, **HEAD_SETTINGS[name]}, changed) for name in heads}
+    # built now, so that a bad --set fails before minutes of work; the DCQ one also gives the regime
+    configs = {name: build_config(recipes[name], source=f"dcq demo --set ({name})") for name in heads}
     if args.threads:
         set_threads(args.threads)
     out = Path(args.out)
@@ -155,7 +145,7 @@ def run_demo(args: argparse.Namespace) -> int:
     longtail = {}
     train_seconds = {}
     for name in heads:
-        settings = {**head_settings(name, changed), "train_data": str(data_dir),
+        settings = {**recipes[name], "train_data": str(data_dir),
                     "max_steps": args.steps, "eval_bins": [], "output": str(out / "runs" / name), "seed": args.seed,
                     "threads": args.threads}
         print(f"training {name} for {args.steps} steps (cpunet, {size}px, batch {settings['batch_size']}) ...")
@@ -172,7 +162,7 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics["train_seconds_by_head"] = train_seconds
     metrics["longtail"] = {name: report["rows"] for name, report in longtail.items()}
     metrics["steps"] = args.steps
-    metrics["regime"] = demo_regime(data_dir, changed)
+    metrics["regime"] = demo_regime(data_dir, configs["dcq"])
     if changed:
         metrics["settings_changed"] = changed
     metrics["total_seconds"] = time.time() - started
@@ -189,13 +179,12 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_regime(data_dir: Path, changed: dict | None = None) -> dict:
-    """Where the demo runs, in the terms the claims are made in: DCQ's queue in global batches."""
+def demo_regime(data_dir: Path, cfg) -> dict:
+    """Where the demo runs, in the terms the claims are made in: DCQ's queue (of `cfg`, the DCQ run's
+    config) in global batches."""
     from dcq.heads.registry import resolve_queue_size
-    from dcq.train.config import build_config
 
     identities = json.loads((data_dir / "stats.json").read_text())["identities"]
-    cfg = build_config(head_settings("dcq", changed or {}))
     queue = resolve_queue_size(cfg, identities)
     return {"profile": DEMO_DATA["profile"], "identities": identities, "batch_size": cfg.batch_size,
             "queue_entries": queue, "queue_batches": queue / cfg.batch_size}

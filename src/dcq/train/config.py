@@ -371,10 +371,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     _print_notes(notes)
     cfg_file = build_config(values, source)
     if overrides:
-        notes = []
-        changed = canonical_keys(parse_overrides(overrides), "--set", notes)
-        _print_notes(notes)
-        if any(k in changed for k in QUEUE_KEYS):  # --set picks the queue setting; drop the file's
-            values = {k: v for k, v in values.items() if k not in QUEUE_KEYS}
-        return build_config({**values, **changed}, f"{source} + --set")
+        return build_config(with_changes(values, parse_set(overrides)), f"{source} + --set")
     return cfg_file
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE pairs as config values under the current key names (a note per renamed key)."""
+    notes: list[str] = []
+    changed = canonical_keys(parse_overrides(pairs), "--set", notes)
+    _print_notes(notes)
+    return changed
+
+
+def with_changes(values: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `changed` on top; a queue setting in `changed` replaces the one in `values`."""
+    if any(k in changed for k in QUEUE_KEYS):
+        values = {k: v for k, v in values.items() if k not in QUEUE_KEYS}
+    return {**values, **changed}
